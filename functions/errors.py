@@ -1,0 +1,24 @@
+"""How a handler tells the runner that something went wrong.
+
+Business outcomes (a declined card, an empty shelf) are *events*, never
+exceptions. An exception means the message could not be handled now:
+
+* any exception, or an explicit :class:`Retry`, is a transient fault: the
+  runner hands the message back with a delay and tries again, up to the
+  function's attempt limit, then dead-letters it with the last error;
+* :class:`Permanent` says retrying cannot help: dead-letter at once.
+"""
+
+from __future__ import annotations
+
+
+class Retry(Exception):
+    """Try this message again later; ``defer`` (seconds) overrides the backoff schedule."""
+
+    def __init__(self, reason: str, *, defer: float | None = None) -> None:
+        super().__init__(reason)
+        self.defer = defer
+
+
+class Permanent(Exception):
+    """Retrying cannot help: dead-letter the message now, with this reason."""

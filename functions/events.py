@@ -1,0 +1,171 @@
+"""The public contract: every event of the order flow, one ``msgspec.Struct`` each.
+
+The subject an event travels on is its tag, so a stored event says what it is
+(``{"type": "payments.succeeded", ...}``) and the table :data:`EVENT_TYPES` is
+derived from the classes, never written twice. Publishers may leave ``type``
+out (``nats pub orders.created '{...}'`` does): decoding goes by subject.
+
+Validation happens here, at the boundary: bounds on quantities, prices, list
+lengths and identifiers are part of the types, so a bad message fails to decode
+with an error naming its path (``Expected `int` >= 1 - at `$.items[0].quantity```)
+and never reaches a handler. Money is always integer cents.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+# Identifiers end up in KV keys and message ids, so they keep to the characters
+# both accept (no dots: a dot would split a KV key into tokens).
+OrderId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+Sku = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+CustomerId = Annotated[str, Meta(min_length=1, max_length=64)]
+Quantity = Annotated[int, Meta(ge=1, le=1_000)]
+Cents = Annotated[int, Meta(ge=0, le=100_000_000)]
+Reason = Annotated[str, Meta(max_length=500)]
+
+
+class Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    """Base of every event: each one belongs to exactly one order."""
+
+    order_id: OrderId
+
+
+class OrderItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Sku
+    quantity: Quantity
+    unit_price_cents: Cents
+
+
+class StockLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Sku
+    quantity: int
+
+
+class Shortage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Sku
+    requested: int
+    available: int
+
+
+# --- orders -----------------------------------------------------------------
+
+
+class OrderCreated(Event, tag="orders.created"):
+    """Published by anyone; starts the flow."""
+
+    customer_id: CustomerId
+    items: Annotated[list[OrderItem], Meta(min_length=1, max_length=100)]
+    payment_token: Annotated[str, Meta(min_length=1, max_length=64)]
+
+    @property
+    def total_cents(self) -> int:
+        return sum(item.quantity * item.unit_price_cents for item in self.items)
+
+
+class OrderCompleted(Event, tag="orders.completed"):
+    """Terminal: paid, reserved and scheduled for delivery."""
+
+    tracking_id: str
+
+
+class OrderCancelled(Event, tag="orders.cancelled"):
+    """Terminal: something failed and everything held for the order was given back."""
+
+    reason: Reason
+
+
+# --- payments ---------------------------------------------------------------
+
+
+class PaymentSucceeded(Event, tag="payments.succeeded"):
+    amount_cents: Cents
+    charge_id: str
+
+
+class PaymentFailed(Event, tag="payments.failed"):
+    amount_cents: Cents
+    reason: Reason
+
+
+class PaymentRefunded(Event, tag="payments.refunded"):
+    """The order holds no money any more.
+
+    ``amount_cents`` is what went back to the customer: 0 with ``charge_id``
+    ``None`` when stock failed before payment ran, so nothing was ever charged.
+    """
+
+    amount_cents: Cents
+    charge_id: str | None
+
+
+# --- stock ------------------------------------------------------------------
+
+
+class StockReserved(Event, tag="stock.reserved"):
+    items: list[StockLine]
+
+
+class StockUnavailable(Event, tag="stock.unavailable"):
+    shortages: list[Shortage]
+
+
+class StockReleased(Event, tag="stock.released"):
+    """The order holds no stock any more.
+
+    ``items`` is what went back on the shelf: empty when payment failed before
+    stock ran, so nothing was ever reserved.
+    """
+
+    items: list[StockLine]
+
+
+# --- delivery ---------------------------------------------------------------
+
+
+class DeliveryScheduled(Event, tag="delivery.scheduled"):
+    tracking_id: str
+
+
+AnyEvent = (
+    OrderCreated
+    | OrderCompleted
+    | OrderCancelled
+    | PaymentSucceeded
+    | PaymentFailed
+    | PaymentRefunded
+    | StockReserved
+    | StockUnavailable
+    | StockReleased
+    | DeliveryScheduled
+)
+
+EVENT_CLASSES: tuple[type[Event], ...] = (
+    OrderCreated,
+    OrderCompleted,
+    OrderCancelled,
+    PaymentSucceeded,
+    PaymentFailed,
+    PaymentRefunded,
+    StockReserved,
+    StockUnavailable,
+    StockReleased,
+    DeliveryScheduled,
+)
+
+
+def subject_of(cls: type[Event]) -> str:
+    tag = cls.__struct_config__.tag
+    assert isinstance(tag, str), cls
+    return tag
+
+
+#: subject -> event class; the only place subjects and types meet.
+EVENT_TYPES: dict[str, type[Event]] = {subject_of(cls): cls for cls in EVENT_CLASSES}
+
+TERMINAL_SUBJECTS: frozenset[str] = frozenset({"orders.completed", "orders.cancelled"})
+
+Outcome = Literal["completed", "cancelled"]

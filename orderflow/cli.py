@@ -1,0 +1,193 @@
+"""The commands behind ``runner.py``: argument parsing and the wiring of each command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from orderflow import config as config_mod
+from orderflow.config import ConfigError, Topology
+from orderflow.connect import connect, url_from_env
+from orderflow.server import EmbeddedServer
+
+log = logging.getLogger("orderflow")
+
+DATA_DIR = Path(".orderflow")
+
+
+@contextmanager
+def nats_server(data_dir: Path) -> Iterator[str]:
+    """``NATS_URL`` when set; otherwise an embedded server storing under ``data_dir``."""
+    url = url_from_env()
+    if url:
+        yield url
+        return
+    server = EmbeddedServer(data_dir / "nats")
+    server.start()
+    log.warning("embedded nats-server on %s (data in %s)", server.url, server.store_dir)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
+    counts = dict.fromkeys(topology.functions, 1)
+    for value in values:
+        name, _, count = value.partition("=")
+        if name not in counts or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"--replicas {value!r}: expected FUNCTION=N with FUNCTION in "
+                              f"{', '.join(counts)} and N >= 1")  # fmt: skip
+        counts[name] = int(count)
+    return counts
+
+
+async def _provision(url: str, topology: Topology, base: Path) -> list[str]:
+    from orderflow.provision import provision
+
+    nc = await connect(url, name="orderflow-provision")
+    try:
+        return (await provision(nc, topology, base)).lines
+    finally:
+        await nc.close()
+
+
+def cmd_provision(args: argparse.Namespace, topology: Topology) -> int:
+    url = url_from_env()
+    if url is None:
+        print("NATS_URL is not set: provisioning needs a server (`up` starts one)", file=sys.stderr)
+        return 2
+    for line in asyncio.run(_provision(url, topology, args.config.parent)):
+        print(line)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow.service import serve
+
+    if args.function not in topology.functions:
+        print(f"unknown function {args.function!r}; streams.yaml defines: "
+              f"{', '.join(topology.functions)}", file=sys.stderr)  # fmt: skip
+        return 2
+    asyncio.run(serve(url_from_env() or "nats://127.0.0.1:4222", topology, args.function))
+    return 0
+
+
+async def _until_signalled(supervisor: object) -> None:
+    from orderflow.supervisor import Supervisor
+
+    assert isinstance(supervisor, Supervisor)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await supervisor.watch(stop)
+
+
+def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow.supervisor import Supervisor
+
+    replicas = _replicas(args.replicas, topology)
+    with nats_server(args.data_dir) as url:
+        for line in asyncio.run(_provision(url, topology, args.config.parent)):
+            log.info("%s", line)
+        supervisor = Supervisor(url, args.config, replicas, log_level=args.log_level)
+        supervisor.start()
+        print(f"order flow up on {url}: {', '.join(f'{n} x{c}' for n, c in replicas.items())}. "
+              "Ctrl-C stops.", file=sys.stderr)  # fmt: skip
+        try:
+            asyncio.run(_until_signalled(supervisor))
+        finally:
+            supervisor.stop()
+    return 0
+
+
+async def _demo(url: str, args: argparse.Namespace, supervisor: object) -> dict[str, object]:
+    from orderflow import demo
+    from orderflow.supervisor import Supervisor
+
+    assert isinstance(supervisor, Supervisor)
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(supervisor.watch(stop))
+    nc = await connect(url, name="orderflow-demo")
+    try:
+        orders = demo.make_orders(args.orders, run_id=f"demo-{uuid.uuid4().hex[:8]}", seed=args.seed)
+        progress = sys.stderr.isatty() and not args.json
+        return await demo.run_orders(nc, orders, timeout=args.timeout, progress=progress)
+    finally:
+        await nc.close()
+        stop.set()
+        await watcher
+
+
+def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import demo
+    from orderflow.supervisor import Supervisor
+
+    with nats_server(args.data_dir) as url:
+        asyncio.run(_provision(url, topology, args.config.parent))
+        supervisor = Supervisor(url, args.config, _replicas(args.replicas, topology), log_level=args.log_level)
+        supervisor.start()
+        try:
+            started = time.monotonic()
+            summary = asyncio.run(_demo(url, args, supervisor))
+        finally:
+            supervisor.stop()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(demo.render(summary))
+        log.info("demo took %.1fs in all", time.monotonic() - started)
+    return 1 if summary["unfinished"] else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runner.py", description=__doc__)
+    p.add_argument("--config", type=Path, default=Path("streams.yaml"), help="topology file")
+    p.add_argument("--log-level", default=os.environ.get("ORDERFLOW_LOG_LEVEL", "WARNING"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("provision", help="create or update streams, consumers and buckets (NATS_URL)")
+
+    run = sub.add_parser("run", help="run one function as this process")
+    run.add_argument("function")
+
+    for name, text in (("up", "start a server (unless NATS_URL) and every function"),
+                       ("demo", "up, publish orders, wait for every outcome, summarise")):  # fmt: skip
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--data-dir", type=Path, default=DATA_DIR, help="embedded server's store")
+        cmd.add_argument("--replicas", action="append", default=[], metavar="FUNCTION=N")
+        if name == "demo":
+            cmd.add_argument("--orders", type=int, default=1000)
+            cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+            cmd.add_argument("--seed", type=int, default=42)
+            cmd.add_argument("--json", action="store_true", help="summary as JSON on the last line")
+    return p
+
+
+COMMANDS = {"provision": cmd_provision, "run": cmd_run, "up": cmd_up, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        topology = config_mod.load(args.config)
+        return COMMANDS[args.command](args, topology)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,174 @@
+"""``streams.yaml`` as typed Structs: the topology, checked before anything connects.
+
+msgspec decodes the file straight into these Structs, so an unknown key, a
+missing one or a value of the wrong type fails with the path to it
+(``unknown field `ack_wiat` - at `$.functions.payment.consumers[0]```). The
+checks msgspec cannot express (a consumer naming a stream that does not
+exist, a duration that does not parse) run right after, and name the key and
+the value too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")]
+Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$")]
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def seconds(duration: str) -> float:
+    """``"250ms"`` -> 0.25; the pattern on :data:`Duration` already vetted the form."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
+    if match is None:
+        raise ValueError(f"not a duration: {duration!r} (use e.g. 250ms, 30s, 10m, 7d)")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+class _Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class StreamSpec(_Config):
+    name: Name
+    subjects: Annotated[list[str], Meta(min_length=1)]
+    storage: Literal["file", "memory"] = "file"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    duplicate_window: Duration = "2m"
+    max_age: Duration = "30d"
+
+
+class BucketSpec(_Config):
+    name: Name
+    storage: Literal["file", "memory"] = "file"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    history: Annotated[int, Meta(ge=1, le=64)] = 1
+
+
+class ConsumerSpec(_Config):
+    durable: Name
+    stream: Name
+    filter_subjects: Annotated[list[str], Meta(min_length=1)]
+    ack_wait: Duration = "30s"
+    # Deliveries the runner allows before it dead-letters a message.
+    max_deliver: Annotated[int, Meta(ge=1, le=100)] = 8
+    max_ack_pending: Annotated[int, Meta(ge=1)] = 1000
+
+
+class RetrySpec(_Config):
+    # Delay before attempt 2, 3, ...; the last one repeats.
+    backoff: Annotated[list[Duration], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["1s", "5s", "30s"]
+    )
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return seconds(self.backoff[min(attempt, len(self.backoff)) - 1])
+
+
+class FunctionSpec(_Config):
+    consumers: Annotated[list[ConsumerSpec], Meta(min_length=1)]
+    buckets: list[Name] = []
+    # Messages one process handles at once.
+    concurrency: Annotated[int, Meta(ge=1, le=1024)] = 16
+    retry: RetrySpec = msgspec.field(default_factory=RetrySpec)
+
+
+class InventorySpec(_Config):
+    bucket: Name
+    file: str
+
+
+class DeadLetterSpec(_Config):
+    stream: Name
+    subject_prefix: Name = "dlq"
+    # Larger payloads are dead-lettered unread.
+    max_payload: Annotated[int, Meta(ge=1)] = 64 * 1024
+
+
+class Topology(_Config):
+    streams: Annotated[list[StreamSpec], Meta(min_length=1)]
+    buckets: list[BucketSpec]
+    functions: dict[Name, FunctionSpec]
+    dead_letters: DeadLetterSpec
+    inventory: InventorySpec | None = None
+
+    def stream(self, name: str) -> StreamSpec:
+        return next(s for s in self.streams if s.name == name)
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` one token, ``>`` the rest."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def _check(topology: Topology) -> None:
+    streams = {s.name: s for s in topology.streams}
+    buckets = {b.name for b in topology.buckets}
+    for name, fn in topology.functions.items():
+        for i, consumer in enumerate(fn.consumers):
+            where = f"functions.{name}.consumers[{i}]"
+            stream = streams.get(consumer.stream)
+            if stream is None:
+                raise ConfigError(
+                    f"{where}.stream: no stream named {consumer.stream!r} "
+                    f"(streams: {', '.join(streams)})"
+                )
+            for subject in consumer.filter_subjects:
+                if not any(_subject_matches(p, subject) for p in stream.subjects):
+                    raise ConfigError(
+                        f"{where}.filter_subjects: {subject!r} is not stored by stream "
+                        f"{stream.name} (subjects: {', '.join(stream.subjects)})"
+                    )
+        for bucket in fn.buckets:
+            if bucket not in buckets:
+                raise ConfigError(f"functions.{name}.buckets: no bucket named {bucket!r}")
+    if topology.dead_letters.stream not in streams:
+        raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
+    if topology.inventory and topology.inventory.bucket not in buckets:
+        raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
+
+
+def load(path: str | Path = "streams.yaml") -> Topology:
+    path = Path(path)
+    try:
+        topology = msgspec.yaml.decode(path.read_bytes(), type=Topology)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        _check(topology)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return topology
+
+
+class Inventory(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    stock: dict[str, Annotated[int, Meta(ge=0)]]
+
+
+def load_inventory(path: str | Path) -> dict[str, int]:
+    path = Path(path)
+    try:
+        return msgspec.yaml.decode(path.read_bytes(), type=Inventory).stock
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,66 @@
+"""Dead letters: where a message goes when it cannot be handled, with the reason.
+
+The original bytes are kept intact; the headers say why, who gave up, where
+the message came from and when, so it can be read, fixed and redriven to its
+original subject. A message is dead-lettered before its input is acked, and
+under a message id derived from its stream position, so a crash in between
+redelivers it without filing it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from orderflow.config import DeadLetterSpec
+
+log = logging.getLogger("orderflow.deadletter")
+
+# Header names, documented in the README.
+REASON = "Orderflow-Dlq-Reason"
+FUNCTION = "Orderflow-Dlq-Function"
+SUBJECT = "Orderflow-Dlq-Subject"
+STREAM = "Orderflow-Dlq-Stream"
+SEQUENCE = "Orderflow-Dlq-Sequence"
+DELIVERIES = "Orderflow-Dlq-Deliveries"
+TIME = "Orderflow-Dlq-Time"
+
+MAX_REASON = 1000  # header values stay readable, and within the server's limits
+
+
+def _header_safe(text: str) -> str:
+    return " ".join(text.split())[:MAX_REASON]
+
+
+class DeadLetters:
+    def __init__(self, nc: Client, spec: DeadLetterSpec, function: str) -> None:
+        self.js = nc.jetstream()
+        self.function = function
+        self.subject = f"{spec.subject_prefix}.{function}"
+
+    async def add(self, msg: Msg, reason: str) -> None:
+        meta = msg.metadata
+        headers = {
+            key: value for key, value in (msg.headers or {}).items() if key != "Nats-Msg-Id"
+        }
+        headers.update(
+            {
+                "Nats-Msg-Id": f"dlq:{self.function}:{meta.stream}:{meta.sequence.stream}",
+                REASON: _header_safe(reason),
+                FUNCTION: self.function,
+                SUBJECT: msg.subject,
+                STREAM: meta.stream,
+                SEQUENCE: str(meta.sequence.stream),
+                DELIVERIES: str(meta.num_delivered),
+                TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+        )
+        await self.js.publish(self.subject, msg.data, headers=headers)
+        await msg.ack()
+        log.warning(
+            "%s: dead-lettered %s (stream %s seq %d): %s",
+            self.function, msg.subject, meta.stream, meta.sequence.stream, reason,
+        )  # fmt: skip

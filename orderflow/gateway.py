@@ -1,0 +1,76 @@
+"""The built-in simulated payment gateway.
+
+It behaves like a real provider where it matters to the flow:
+
+* ``tok_declined`` is declined (a business outcome, not an error);
+* ``tok_flaky`` times out (:class:`GatewayUnavailable`) on the first attempt
+  for an idempotency key, then succeeds, so retries are exercised;
+* every other token is charged;
+* the same idempotency key always gets the first answer back, across
+  processes and restarts, because the gateway's memory is a KV bucket
+  (``gateway``), not this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+from functions.payment import Charged, Declined, GatewayUnavailable
+from functions.state import Store, Write
+
+DECLINED_TOKEN = "tok_declined"
+FLAKY_TOKEN = "tok_flaky"
+
+
+class ChargeRecord(msgspec.Struct, frozen=True):
+    token: str
+    amount_cents: int
+    charge_id: str | None = None
+    declined: str | None = None
+
+
+class RefundRecord(msgspec.Struct, frozen=True):
+    charge_id: str
+    amount_cents: int
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    pass
+
+
+class SimulatedGateway:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def charge(
+        self, *, idempotency_key: str, token: str, amount_cents: int
+    ) -> Charged | Declined:
+        key = f"charge.{idempotency_key}"
+        seen = await self.store.get(key, ChargeRecord)
+        if seen is None:
+            if token == FLAKY_TOKEN and await self.store.commit(
+                Write(f"attempt.{idempotency_key}", Attempt(), 0)
+            ):
+                raise GatewayUnavailable(f"gateway timed out charging {idempotency_key}")
+            if token == DECLINED_TOKEN:
+                record = ChargeRecord(token, amount_cents, declined="card_declined")
+            else:
+                digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
+                record = ChargeRecord(token, amount_cents, charge_id=f"ch_{digest}")
+            if not await self.store.commit(Write(key, record, 0)):
+                seen = await self.store.get(key, ChargeRecord)  # a concurrent call won
+                assert seen is not None
+                record = seen.value
+        else:
+            record = seen.value
+        if record.charge_id is not None:
+            return Charged(record.charge_id)
+        return Declined(record.declined or "declined")
+
+    async def refund(self, *, idempotency_key: str, charge_id: str, amount_cents: int) -> None:
+        # Creating the record is the refund; a second call finds it and does nothing.
+        await self.store.commit(
+            Write(f"refund.{idempotency_key}", RefundRecord(charge_id, amount_cents), 0)
+        )

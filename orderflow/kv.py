@@ -1,0 +1,95 @@
+"""``functions.state.Store`` on a JetStream KV bucket.
+
+A KV bucket is a stream (``KV_<bucket>``) whose subjects are the keys; a key's
+revision is the stream sequence of its last write. So compare-and-set is a
+publish with ``Nats-Expected-Last-Subject-Sequence`` (0: the key must not
+exist), and an all-or-nothing commit of several keys is an *atomic batch*
+(nats-server 2.12+, ``allow_atomic`` on the stream): every write carries its
+own expected sequence, and the server applies all of them or none.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client
+from nats.nuid import NUID
+
+from functions.state import Versioned, Write
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErr
+_KV_OPERATION = "KV-Operation"
+
+
+class KvError(Exception):
+    pass
+
+
+def stream_name(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+class KvStore:
+    def __init__(self, nc: Client, bucket: str, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=timeout)
+        self.bucket = bucket
+        self.stream = stream_name(bucket)
+        self.timeout = timeout
+        self._nuid = NUID()
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{self.bucket}.{key}"
+
+    async def get(self, key: str, type: type[T]) -> Versioned[T] | None:
+        try:
+            msg = await self.js.get_msg(self.stream, subject=self._subject(key), direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        if msg.headers and msg.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
+            return None
+        return Versioned(msgspec.json.decode(msg.data, type=type), msg.seq)
+
+    async def commit(self, *writes: Write) -> bool:
+        if len(writes) == 1:
+            write = writes[0]
+            headers = {EXPECTED_SUBJECT_SEQ: str(write.revision)}
+            return await self._publish(write, headers)
+        # An atomic batch: the writes stage on the server and apply, or not,
+        # when the last one (the commit) arrives; only the commit is answered.
+        batch_id = self._nuid.next().decode()
+        for sequence, write in enumerate(writes, start=1):
+            headers = {
+                "Nats-Batch-Id": batch_id,
+                "Nats-Batch-Sequence": str(sequence),
+                EXPECTED_SUBJECT_SEQ: str(write.revision),
+            }
+            if sequence < len(writes):
+                await self.nc.publish(
+                    self._subject(write.key), msgspec.json.encode(write.value), headers=headers
+                )
+            else:
+                headers["Nats-Batch-Commit"] = "1"
+                return await self._publish(write, headers)
+        raise AssertionError("unreachable")
+
+    async def _publish(self, write: Write, headers: dict[str, str]) -> bool:
+        reply = await self.nc.request(
+            self._subject(write.key),
+            msgspec.json.encode(write.value),
+            timeout=self.timeout,
+            headers=headers,
+        )
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is None:
+            return True
+        if error.get("err_code") == WRONG_LAST_SEQUENCE:
+            return False
+        raise KvError(f"{self.bucket}: writing {write.key!r} failed: {error.get('description')}")

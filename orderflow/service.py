@@ -1,0 +1,48 @@
+"""One function as one OS process: connect, reconcile its consumers, consume until told to stop.
+
+SIGTERM and SIGINT stop fetching; messages already fetched are seen through
+and acked, the connection is flushed and closed. Nothing in hand is dropped,
+and nothing is left to come back after ack_wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from orderflow.bindings import build_handler
+from orderflow.config import Topology
+from orderflow.connect import connect
+from orderflow.provision import Report, ensure_consumers
+from orderflow.worker import Worker
+
+log = logging.getLogger("orderflow.service")
+
+
+async def serve(url: str, topology: Topology, function: str, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await connect(url, name=f"orderflow-{function}")
+    try:
+        # pull_subscribe ignores the config of an existing durable: reconcile
+        # it with streams.yaml here, so a changed setting takes effect.
+        report = Report()
+        await ensure_consumers(nc, topology, function, report)
+        for line in report.lines:
+            log.info("%s: %s", function, line)
+        handler = build_handler(nc, topology, function)
+        log.info("%s: consuming (pid %d)", function, os.getpid())
+        await Worker(nc, topology, function, handler).run(stop)
+        log.info("%s: stopping: in-flight messages settled", function)
+    finally:
+        # close(), not drain(): after a timed-out fetch drain can block for its
+        # whole timeout (30 s). Everything we sent is flushed first.
+        try:
+            await asyncio.wait_for(nc.flush(), 2.0)
+        except Exception:
+            pass
+        await nc.close()

@@ -1,0 +1,175 @@
+"""The pull loop of one function process: fetch, decode, handle, publish, ack.
+
+For every message, in this order:
+
+1. too large, undecodable or invalid -> dead letter at once (retrying cannot fix bytes);
+2. delivered more often than the function allows -> dead letter (the processes
+   handling it kept dying: a poison message must not crash-loop forever);
+3. call the handler with the decoded Struct;
+4. publish what it returned, each event with a deterministic ``Nats-Msg-Id``
+   (``<subject>:<order id>``), and wait for every publish ack;
+5. only then ack the input.
+
+A process killed anywhere in between leaves the input unacked: it comes back
+after ``ack_wait``, the handler finds its own earlier writes in KV and answers
+the same, and the stream drops the republished events as duplicates.
+
+A handler exception is a transient fault: the message is handed back with
+``nak(delay)`` from the function's backoff schedule (a plain nak would
+redeliver at once, and the consumer ``backoff`` list applies only to ack
+timeouts), until its last attempt, when it is dead-lettered with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from functions.errors import Permanent, Retry
+from functions.events import EVENT_TYPES, Event, subject_of
+from orderflow.config import ConsumerSpec, FunctionSpec, Topology
+from orderflow.deadletter import DeadLetters
+
+Handler = Callable[[Event], Awaitable[Sequence[Event]]]
+
+log = logging.getLogger("orderflow.worker")
+
+#: How long one fetch waits for messages; also the longest a stop request
+#: waits for an idle loop to notice it.
+FETCH_TIMEOUT = 1.0
+
+_decoders = {subject: msgspec.json.Decoder(cls) for subject, cls in EVENT_TYPES.items()}
+_encoder = msgspec.json.Encoder()
+
+
+def message_id(event: Event) -> str:
+    """Every order emits each kind of event at most once, so this names it uniquely."""
+    return f"{subject_of(type(event))}:{event.order_id}"
+
+
+class Worker:
+    def __init__(self, nc: Client, topology: Topology, function: str, handler: Handler) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.name = function
+        self.spec: FunctionSpec = topology.functions[function]
+        self.handler = handler
+        self.dead_letters = DeadLetters(nc, topology.dead_letters, function)
+        self.max_payload = topology.dead_letters.max_payload
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume every binding until ``stop`` is set, then finish what is in hand."""
+        await asyncio.gather(*(self._consume(spec, stop) for spec in self.spec.consumers))
+
+    async def _consume(self, consumer: ConsumerSpec, stop: asyncio.Event) -> None:
+        sub: Any = None
+        while not stop.is_set():
+            if sub is None:
+                try:
+                    sub = await self.js.pull_subscribe_bind(
+                        durable=consumer.durable, stream=consumer.stream
+                    )
+                except Exception as exc:
+                    log.warning("%s: cannot bind %s: %s", self.name, consumer.durable, exc)
+                    await _sleep_unless(stop, 1.0)
+                    continue
+            try:
+                msgs = await sub.fetch(batch=self.spec.concurrency, timeout=FETCH_TIMEOUT)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue  # nothing to do (or the server is away: fetch again)
+            except Exception as exc:
+                # A closed or broken subscription does not heal by itself: bind anew.
+                log.warning("%s: fetch from %s failed: %r", self.name, consumer.durable, exc)
+                await _unsubscribe(sub)
+                sub = None
+                await _sleep_unless(stop, 0.5)
+                continue
+            # Every fetched message is seen through, even when stop is set
+            # meanwhile: handing it back unacked would only delay it by ack_wait.
+            await asyncio.gather(*(self.process(msg, consumer) for msg in msgs))
+        if sub is not None:
+            await _unsubscribe(sub)
+
+    async def process(self, msg: Msg, consumer: ConsumerSpec) -> None:
+        try:
+            await self._process(msg, consumer)
+        except Exception:
+            # Publishing, acking or dead-lettering failed (the server went
+            # away): the message stays unacked and comes back after ack_wait.
+            log.warning("%s: could not settle %s", self.name, msg.subject, exc_info=True)
+
+    async def _process(self, msg: Msg, consumer: ConsumerSpec) -> None:
+        attempt = msg.metadata.num_delivered
+        if len(msg.data) > self.max_payload:
+            reason = f"payload of {len(msg.data)} bytes exceeds max_payload {self.max_payload}"
+            await self.dead_letters.add(msg, reason)
+            return
+        decoder = _decoders.get(msg.subject)
+        if decoder is None:
+            await self.dead_letters.add(msg, f"no event type is published on {msg.subject}")
+            return
+        try:
+            event: Event = decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+            await self.dead_letters.add(msg, f"invalid {msg.subject}: {exc}")
+            return
+        if attempt > consumer.max_deliver:
+            reason = f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
+            await self.dead_letters.add(msg, reason)
+            return
+        try:
+            emitted = await self.handler(event)
+            await self._publish(emitted)
+        except Permanent as exc:
+            await self.dead_letters.add(msg, f"permanent failure: {exc}")
+            return
+        except Exception as exc:
+            if attempt >= consumer.max_deliver:
+                reason = f"failed {attempt} attempts; last error: {type(exc).__name__}: {exc}"
+                await self.dead_letters.add(msg, reason)
+                return
+            delay = exc.defer if isinstance(exc, Retry) and exc.defer is not None else None
+            delay = self.spec.retry.delay(attempt) if delay is None else delay
+            log.warning(
+                "%s: %s for order %s failed (attempt %d), retrying in %.2fs: %s: %s",
+                self.name, msg.subject, event.order_id, attempt, delay, type(exc).__name__, exc,
+            )  # fmt: skip
+            await msg.nak(delay=delay)
+            return
+        await msg.ack()
+        log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
+                  [subject_of(type(e)) for e in emitted])  # fmt: skip
+
+    async def _publish(self, events: Sequence[Event]) -> None:
+        # Concurrently: the input is acked only once every ack is in.
+        await asyncio.gather(
+            *(
+                self.js.publish(
+                    subject_of(type(event)),
+                    _encoder.encode(event),
+                    headers={"Nats-Msg-Id": message_id(event)},
+                )
+                for event in events
+            )
+        )
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def _unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:
+        pass
