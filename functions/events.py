@@ -54,7 +54,7 @@ class Shortage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # --- orders -----------------------------------------------------------------
 
 
-class OrderCreated(Event, tag="orders.created"):
+class OrderCreated(Event, tag="orders.created", frozen=True):
     """Published by anyone; starts the flow."""
 
     customer_id: CustomerId
@@ -66,13 +66,13 @@ class OrderCreated(Event, tag="orders.created"):
         return sum(item.quantity * item.unit_price_cents for item in self.items)
 
 
-class OrderCompleted(Event, tag="orders.completed"):
+class OrderCompleted(Event, tag="orders.completed", frozen=True):
     """Terminal: paid, reserved and scheduled for delivery."""
 
     tracking_id: str
 
 
-class OrderCancelled(Event, tag="orders.cancelled"):
+class OrderCancelled(Event, tag="orders.cancelled", frozen=True):
     """Terminal: something failed and everything held for the order was given back."""
 
     reason: Reason
@@ -81,17 +81,17 @@ class OrderCancelled(Event, tag="orders.cancelled"):
 # --- payments ---------------------------------------------------------------
 
 
-class PaymentSucceeded(Event, tag="payments.succeeded"):
+class PaymentSucceeded(Event, tag="payments.succeeded", frozen=True):
     amount_cents: Cents
     charge_id: str
 
 
-class PaymentFailed(Event, tag="payments.failed"):
+class PaymentFailed(Event, tag="payments.failed", frozen=True):
     amount_cents: Cents
     reason: Reason
 
 
-class PaymentRefunded(Event, tag="payments.refunded"):
+class PaymentRefunded(Event, tag="payments.refunded", frozen=True):
     """The order holds no money any more.
 
     ``amount_cents`` is what went back to the customer: 0 with ``charge_id``
@@ -105,15 +105,15 @@ class PaymentRefunded(Event, tag="payments.refunded"):
 # --- stock ------------------------------------------------------------------
 
 
-class StockReserved(Event, tag="stock.reserved"):
+class StockReserved(Event, tag="stock.reserved", frozen=True):
     items: list[StockLine]
 
 
-class StockUnavailable(Event, tag="stock.unavailable"):
+class StockUnavailable(Event, tag="stock.unavailable", frozen=True):
     shortages: list[Shortage]
 
 
-class StockReleased(Event, tag="stock.released"):
+class StockReleased(Event, tag="stock.released", frozen=True):
     """The order holds no stock any more.
 
     ``items`` is what went back on the shelf: empty when payment failed before
@@ -126,7 +126,7 @@ class StockReleased(Event, tag="stock.released"):
 # --- delivery ---------------------------------------------------------------
 
 
-class DeliveryScheduled(Event, tag="delivery.scheduled"):
+class DeliveryScheduled(Event, tag="delivery.scheduled", frozen=True):
     tracking_id: str
 
 

@@ -16,8 +16,8 @@ same rules, so a handler tested on one behaves the same on the other:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import msgspec

@@ -13,6 +13,7 @@ racing on the same SKU cannot both take the last unit.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -115,7 +116,8 @@ async def handle(event: Event, store: Store) -> Sequence[Event]:
 
 
 async def _levels(store: Store, skus: Sequence[str]) -> dict[str, Versioned[Level] | None]:
-    return {sku: await store.get(level_key(sku), Level) for sku in skus}
+    entries = await asyncio.gather(*(store.get(level_key(sku), Level) for sku in skus))
+    return dict(zip(skus, entries, strict=True))
 
 
 def _level_writes(

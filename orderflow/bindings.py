@@ -50,8 +50,7 @@ BINDINGS: dict[str, Callable[[Buckets], Handler]] = {
 def build_handler(nc: Client, topology: Topology, function: str) -> Handler:
     if function not in BINDINGS:
         raise ConfigError(
-            f"functions.{function}: no handler is bound to this name "
-            f"(known: {', '.join(BINDINGS)})"
+            f"functions.{function}: no handler is bound to this name (known: {', '.join(BINDINGS)})"
         )
     allowed = set(topology.functions[function].buckets)
 

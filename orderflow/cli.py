@@ -121,7 +121,9 @@ async def _demo(url: str, args: argparse.Namespace, supervisor: object) -> dict[
     watcher = asyncio.create_task(supervisor.watch(stop))
     nc = await connect(url, name="orderflow-demo")
     try:
-        orders = demo.make_orders(args.orders, run_id=f"demo-{uuid.uuid4().hex[:8]}", seed=args.seed)
+        orders = demo.make_orders(
+            args.orders, run_id=f"demo-{uuid.uuid4().hex[:8]}", seed=args.seed
+        )
         progress = sys.stderr.isatty() and not args.json
         return await demo.run_orders(nc, orders, timeout=args.timeout, progress=progress)
     finally:
@@ -136,7 +138,9 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
 
     with nats_server(args.data_dir) as url:
         asyncio.run(_provision(url, topology, args.config.parent))
-        supervisor = Supervisor(url, args.config, _replicas(args.replicas, topology), log_level=args.log_level)
+        supervisor = Supervisor(
+            url, args.config, _replicas(args.replicas, topology), log_level=args.log_level
+        )
         supervisor.start()
         try:
             started = time.monotonic()
@@ -162,8 +166,10 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one function as this process")
     run.add_argument("function")
 
-    for name, text in (("up", "start a server (unless NATS_URL) and every function"),
-                       ("demo", "up, publish orders, wait for every outcome, summarise")):  # fmt: skip
+    for name, text in (
+        ("up", "start a server (unless NATS_URL) and every function"),
+        ("demo", "up, publish orders, wait for every outcome, summarise"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--data-dir", type=Path, default=DATA_DIR, help="embedded server's store")
         cmd.add_argument("--replicas", action="append", default=[], metavar="FUNCTION=N")

@@ -35,7 +35,7 @@ class _Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pass
 
 
-class StreamSpec(_Config):
+class StreamSpec(_Config, frozen=True):
     name: Name
     subjects: Annotated[list[str], Meta(min_length=1)]
     storage: Literal["file", "memory"] = "file"
@@ -44,14 +44,14 @@ class StreamSpec(_Config):
     max_age: Duration = "30d"
 
 
-class BucketSpec(_Config):
+class BucketSpec(_Config, frozen=True):
     name: Name
     storage: Literal["file", "memory"] = "file"
     replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     history: Annotated[int, Meta(ge=1, le=64)] = 1
 
 
-class ConsumerSpec(_Config):
+class ConsumerSpec(_Config, frozen=True):
     durable: Name
     stream: Name
     filter_subjects: Annotated[list[str], Meta(min_length=1)]
@@ -61,7 +61,7 @@ class ConsumerSpec(_Config):
     max_ack_pending: Annotated[int, Meta(ge=1)] = 1000
 
 
-class RetrySpec(_Config):
+class RetrySpec(_Config, frozen=True):
     # Delay before attempt 2, 3, ...; the last one repeats.
     backoff: Annotated[list[Duration], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["1s", "5s", "30s"]
@@ -72,7 +72,7 @@ class RetrySpec(_Config):
         return seconds(self.backoff[min(attempt, len(self.backoff)) - 1])
 
 
-class FunctionSpec(_Config):
+class FunctionSpec(_Config, frozen=True):
     consumers: Annotated[list[ConsumerSpec], Meta(min_length=1)]
     buckets: list[Name] = []
     # Messages one process handles at once.
@@ -80,19 +80,19 @@ class FunctionSpec(_Config):
     retry: RetrySpec = msgspec.field(default_factory=RetrySpec)
 
 
-class InventorySpec(_Config):
+class InventorySpec(_Config, frozen=True):
     bucket: Name
     file: str
 
 
-class DeadLetterSpec(_Config):
+class DeadLetterSpec(_Config, frozen=True):
     stream: Name
     subject_prefix: Name = "dlq"
     # Larger payloads are dead-lettered unread.
     max_payload: Annotated[int, Meta(ge=1)] = 64 * 1024
 
 
-class Topology(_Config):
+class Topology(_Config, frozen=True):
     streams: Annotated[list[StreamSpec], Meta(min_length=1)]
     buckets: list[BucketSpec]
     functions: dict[Name, FunctionSpec]
@@ -145,10 +145,29 @@ def _check(topology: Topology) -> None:
         raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
 
 
+def _convert(raw: object) -> Topology:
+    """Raw YAML -> Topology, with errors inside ``functions`` naming the function.
+
+    msgspec writes a dict key in an error path as ``[...]``; converting each
+    function on its own first lets the message say ``$.functions.payment``.
+    """
+    functions = raw.get("functions") if isinstance(raw, dict) else None
+    for name, spec in functions.items() if isinstance(functions, dict) else ():
+        try:
+            msgspec.convert(spec, FunctionSpec)
+        except msgspec.ValidationError as exc:
+            raise msgspec.ValidationError(
+                str(exc).replace("`$", f"`$.functions.{name}", 1)
+                if "`$" in str(exc)
+                else f"{exc} - at `$.functions.{name}`"
+            ) from None
+    return msgspec.convert(raw, Topology)
+
+
 def load(path: str | Path = "streams.yaml") -> Topology:
     path = Path(path)
     try:
-        topology = msgspec.yaml.decode(path.read_bytes(), type=Topology)
+        topology = _convert(msgspec.yaml.decode(path.read_bytes()))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except msgspec.ValidationError as exc:

@@ -43,9 +43,7 @@ class DeadLetters:
 
     async def add(self, msg: Msg, reason: str) -> None:
         meta = msg.metadata
-        headers = {
-            key: value for key, value in (msg.headers or {}).items() if key != "Nats-Msg-Id"
-        }
+        headers = {key: value for key, value in (msg.headers or {}).items() if key != "Nats-Msg-Id"}
         headers.update(
             {
                 "Nats-Msg-Id": f"dlq:{self.function}:{meta.stream}:{meta.sequence.stream}",

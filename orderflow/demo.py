@@ -9,6 +9,7 @@ order's terminal event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -68,9 +69,12 @@ def payload(order: OrderCreated) -> bytes:
 
 @dataclass
 class Tally:
+    expected: int
     published: dict[str, float] = field(default_factory=dict)
     finished: dict[str, tuple[str, float]] = field(default_factory=dict)
     duplicates: int = 0
+
+    all_finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def on_terminal(self, msg: Msg) -> None:
         order_id = msgspec.json.decode(msg.data).get("order_id", "")
@@ -81,6 +85,8 @@ class Tally:
             return
         outcome = msg.subject.rsplit(".", 1)[1]
         self.finished[order_id] = (outcome, time.monotonic())
+        if len(self.finished) == self.expected:
+            self.all_finished.set()
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -98,8 +104,11 @@ async def run_orders(
     progress: bool = False,
 ) -> dict[str, object]:
     """Publish ``orders``, wait for their terminal events (or ``timeout``), return the summary."""
-    tally = Tally()
-    subs = [await nc.subscribe(s, cb=tally.on_terminal) for s in ("orders.completed", "orders.cancelled")]
+    tally = Tally(expected=len(orders))
+    subs = [
+        await nc.subscribe(s, cb=tally.on_terminal)
+        for s in ("orders.completed", "orders.cancelled")
+    ]
     js = nc.jetstream()
     window = asyncio.Semaphore(in_flight)
     start = time.monotonic()
@@ -114,17 +123,19 @@ async def run_orders(
         while True:
             await asyncio.sleep(1.0)
             done = Counter(outcome for outcome, _ in tally.finished.values())
+            elapsed = time.monotonic() - start
             print(
-                f"  {time.monotonic() - start:6.1f}s  published {len(tally.published)}/{len(orders)}"
+                f"  {elapsed:6.1f}s  published {len(tally.published)}/{len(orders)}"
                 f"  completed {done['completed']}  cancelled {done['cancelled']}",
                 file=sys.stderr,
             )
 
     reporter = asyncio.create_task(report()) if progress else None
     await asyncio.gather(*(publish(order) for _, order in orders))
-    deadline = start + timeout
-    while len(tally.finished) < len(orders) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            tally.all_finished.wait(), max(0.0, start + timeout - time.monotonic())
+        )
     elapsed = (max((t for _, t in tally.finished.values()), default=time.monotonic())) - start
     if reporter:
         reporter.cancel()

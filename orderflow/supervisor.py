@@ -10,6 +10,7 @@ SIGTERM, which the children answer by draining; whoever ignores it for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -92,10 +93,8 @@ class Supervisor:
     async def watch(self, stop: asyncio.Event, every: float = 0.25) -> None:
         while not stop.is_set():
             self.check()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
-            except TimeoutError:
-                pass
 
     def pids(self, function: str | None = None) -> list[int]:
         return [

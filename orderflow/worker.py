@@ -23,6 +23,7 @@ timeouts), until its last attempt, when it is dead-lettered with the error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ from nats.aio.msg import Msg
 
 from functions.errors import Permanent, Retry
 from functions.events import EVENT_TYPES, Event, subject_of
-from orderflow.config import ConsumerSpec, FunctionSpec, Topology
+from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.deadletter import DeadLetters
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
@@ -70,7 +71,14 @@ class Worker:
 
     async def _consume(self, consumer: ConsumerSpec, stop: asyncio.Event) -> None:
         sub: Any = None
+        # Messages in hand, each its own task: a slow one (a gateway timeout,
+        # a compare-and-set retry) holds one slot, not the whole batch.
+        in_hand: set[asyncio.Task[None]] = set()
         while not stop.is_set():
+            free = self.spec.concurrency - len(in_hand)
+            if free == 0:
+                await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if sub is None:
                 try:
                     sub = await self.js.pull_subscribe_bind(
@@ -81,8 +89,8 @@ class Worker:
                     await _sleep_unless(stop, 1.0)
                     continue
             try:
-                msgs = await sub.fetch(batch=self.spec.concurrency, timeout=FETCH_TIMEOUT)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                msgs = await sub.fetch(batch=free, timeout=FETCH_TIMEOUT)
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue  # nothing to do (or the server is away: fetch again)
             except Exception as exc:
                 # A closed or broken subscription does not heal by itself: bind anew.
@@ -91,9 +99,14 @@ class Worker:
                 sub = None
                 await _sleep_unless(stop, 0.5)
                 continue
-            # Every fetched message is seen through, even when stop is set
-            # meanwhile: handing it back unacked would only delay it by ack_wait.
-            await asyncio.gather(*(self.process(msg, consumer) for msg in msgs))
+            for msg in msgs:
+                task = asyncio.create_task(self.process(msg, consumer))
+                in_hand.add(task)
+                task.add_done_callback(in_hand.discard)
+        # Every fetched message is seen through, even after stop is set:
+        # handing it back unacked would only delay it by ack_wait.
+        if in_hand:
+            await asyncio.wait(in_hand)
         if sub is not None:
             await _unsubscribe(sub)
 
@@ -121,11 +134,13 @@ class Worker:
             await self.dead_letters.add(msg, f"invalid {msg.subject}: {exc}")
             return
         if attempt > consumer.max_deliver:
-            reason = f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
+            reason = (
+                f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
+            )
             await self.dead_letters.add(msg, reason)
             return
         try:
-            emitted = await self.handler(event)
+            emitted = await self._keeping_alive(msg, consumer, self.handler(event))
             await self._publish(emitted)
         except Permanent as exc:
             await self.dead_letters.add(msg, f"permanent failure: {exc}")
@@ -147,6 +162,22 @@ class Worker:
         log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
                   [subject_of(type(e)) for e in emitted])  # fmt: skip
 
+    async def _keeping_alive(
+        self, msg: Msg, consumer: ConsumerSpec, work: Awaitable[Sequence[Event]]
+    ) -> Sequence[Event]:
+        """Await ``work``, telling the server we are still on it every half ``ack_wait``.
+
+        Without this a handler slower than ack_wait would see its message
+        redelivered to another process while it still works on it.
+        """
+        task = asyncio.ensure_future(work)
+        every = seconds(consumer.ack_wait) / 2
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every)
+            if done:
+                return task.result()
+            await msg.in_progress()
+
     async def _publish(self, events: Sequence[Event]) -> None:
         # Concurrently: the input is acked only once every ack is in.
         await asyncio.gather(
@@ -162,14 +193,10 @@ class Worker:
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 
 
 async def _unsubscribe(sub: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await sub.unsubscribe()
-    except Exception:
-        pass

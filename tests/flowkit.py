@@ -1,0 +1,123 @@
+"""What end-to-end tests share: the running flow, publishing like `nats pub`, reading the log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client
+
+from functions.events import TERMINAL_SUBJECTS, OrderCreated, OrderItem
+from functions.stock import Level, level_key
+from orderflow.config import Topology, load_inventory
+from orderflow.demo import payload
+from orderflow.kv import KvStore
+from orderflow.server import EmbeddedServer
+from orderflow.streamlog import Stored, read_stream
+from orderflow.supervisor import Supervisor
+
+
+def order(order_id: str, token: str = "tok_visa", **skus: int) -> OrderCreated:
+    """An order of ``skus`` (SKU=quantity; underscores stand for dashes) at 1500 cents a unit."""
+    lines = skus or {"BOOK_42": 2}
+    items = [OrderItem(sku.replace("_", "-"), qty, 1500) for sku, qty in lines.items()]
+    return OrderCreated(order_id, customer_id="c-7", items=items, payment_token=token)
+
+
+class Flow:
+    def __init__(
+        self,
+        server: EmbeddedServer,
+        nc: Client,
+        topology: Topology,
+        config: Path,
+        replicas: dict[str, int],
+    ) -> None:
+        self.server = server
+        self.nc = nc
+        self.topology = topology
+        counts = {name: replicas.get(name, 1) for name in topology.functions}
+        self.supervisor = Supervisor(server.url, config, counts, log_level="WARNING")
+        self._stop = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+        self.root = config.parent
+
+    def start(self) -> None:
+        self.supervisor.start()
+        self._watch = asyncio.create_task(self.supervisor.watch(self._stop, every=0.1))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            await self._watch
+        await asyncio.to_thread(self.supervisor.stop)
+
+    async def publish(self, *orders: OrderCreated) -> None:
+        """Plain core publishes with no headers, exactly as `nats pub orders.created` sends."""
+        for o in orders:
+            await self.nc.publish("orders.created", payload(o))
+        await self.nc.flush()
+
+    async def events(self) -> list[Stored]:
+        return await read_stream(self.nc, "ORDERS")
+
+    async def by_order(self) -> dict[str, list[str]]:
+        """order id -> subjects of its events, in stream order."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for stored in await self.events():
+            out[msgspec.json.decode(stored.data)["order_id"]].append(stored.subject)
+        return out
+
+    async def wait_finished(
+        self, order_ids: list[str], timeout: float = 60.0
+    ) -> dict[str, list[str]]:
+        """Poll the log until every order has a terminal event; return ``by_order()``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = await self.by_order()
+            missing = [o for o in order_ids if not TERMINAL_SUBJECTS & set(seen.get(o, []))]
+            if not missing:
+                return seen
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{len(missing)} of {len(order_ids)} orders unfinished after {timeout}s, "
+                    f"e.g. {missing[:3]}: {[seen.get(o) for o in missing[:3]]}"
+                )
+            await asyncio.sleep(0.25)
+
+    async def levels(self) -> dict[str, int]:
+        store = KvStore(self.nc, "stock")
+        out = {}
+        for sku in self.initial_stock():
+            entry = await store.get(level_key(sku), Level)
+            out[sku] = entry.value.available if entry else 0
+        return out
+
+    def initial_stock(self) -> dict[str, int]:
+        assert self.topology.inventory is not None
+        return load_inventory(self.root / self.topology.inventory.file)
+
+    async def assert_stock_conserved(self) -> None:
+        """initial = available + what completed orders took, SKU by SKU."""
+        taken: dict[str, int] = defaultdict(int)
+        completed = set()
+        created: dict[str, OrderCreated] = {}
+        for stored in await self.events():
+            if stored.subject == "orders.completed":
+                completed.add(msgspec.json.decode(stored.data)["order_id"])
+            elif stored.subject == "orders.created":
+                o = msgspec.json.decode(stored.data, type=OrderCreated)
+                created[o.order_id] = o
+        for order_id in completed:
+            for item in created[order_id].items:
+                taken[item.sku] += item.quantity
+        levels = await self.levels()
+        for sku, initial in self.initial_stock().items():
+            assert levels[sku] + taken[sku] == initial, (sku, initial, levels[sku], taken[sku])
+
+
+def terminal_counts(seen: dict[str, list[str]], order_ids: list[str]) -> dict[str, int]:
+    return {o: sum(s in TERMINAL_SUBJECTS for s in seen.get(o, [])) for o in order_ids}

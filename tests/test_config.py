@@ -1,0 +1,103 @@
+"""streams.yaml: typed, checked before anything connects, errors name the key and its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orderflow.config import ConfigError, RetrySpec, load, seconds
+
+STREAMS_YAML = Path(__file__).resolve().parent.parent / "streams.yaml"
+
+
+def variant(tmp_path: Path, old: str, new: str) -> Path:
+    """streams.yaml with the first ``old`` replaced by ``new``, written to a temp file."""
+    text = STREAMS_YAML.read_text()
+    assert old in text, f"streams.yaml no longer contains {old!r}"
+    path = tmp_path / "streams.yaml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    return str(caught.value)
+
+
+def test_streams_yaml_loads() -> None:
+    topology = load(STREAMS_YAML)
+    assert set(topology.functions) == {"payment", "stock", "delivery", "order"}
+    assert topology.stream("ORDERS").subjects
+    for fn in topology.functions.values():
+        assert all(c.stream == "ORDERS" for c in fn.consumers)
+    assert topology.functions["stock"].consumers[0].filter_subjects == [
+        "orders.created",
+        "payments.failed",
+    ]
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, "ack_wait:", "ack_wiat:"))
+    assert "unknown field `ack_wiat`" in message
+    assert "$.functions" in message
+    assert "consumers[0]`" in message
+
+
+def test_decode_error_names_the_function(tmp_path: Path) -> None:
+    """orderflow/config.py promises ``at `$.functions.payment.consumers[0]```.
+
+    msgspec prints a dict key as ``[...]``, so the message says
+    ``$.functions[...].consumers[0]`` and does not say which function has the typo.
+    """
+    message = load_error(variant(tmp_path, "ack_wait:", "ack_wiat:"))
+    assert "payment" in message.split(": ", 1)[1]
+
+
+def test_bad_duration_names_the_field(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, "duplicate_window: 10m", "duplicate_window: 30 seconds"))
+    assert "$.streams[0].duplicate_window" in message
+
+
+def test_consumer_naming_a_missing_stream(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, "stream: ORDERS", "stream: ORDRES"))
+    assert "functions.payment.consumers[0].stream" in message
+    assert "'ORDRES'" in message
+
+
+def test_filter_subject_not_stored_by_the_stream(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, ', "delivery.>"', ""))
+    assert "functions.order.consumers[0].filter_subjects" in message
+    assert "'delivery.scheduled'" in message
+    assert "ORDERS" in message
+
+
+def test_missing_file() -> None:
+    assert "no such file" in load_error(Path("/nonexistent/streams.yaml"))
+
+
+def test_retry_delay_repeats_the_last_value() -> None:
+    retry = RetrySpec(backoff=["200ms", "1s", "5s"])
+    assert [retry.delay(attempt) for attempt in range(1, 7)] == [0.2, 1.0, 5.0, 5.0, 5.0, 5.0]
+    assert RetrySpec().delay(1) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("duration", "expected"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("1.5s", 1.5),
+        ("10m", 600.0),
+        ("2h", 7200.0),
+        ("7d", 604800.0),
+    ],
+)
+def test_seconds(duration: str, expected: float) -> None:
+    assert seconds(duration) == expected
+
+
+def test_seconds_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="30 seconds"):
+        seconds("30 seconds")

@@ -1,0 +1,168 @@
+"""The msgspec contract: decoding by subject, validation at the boundary, one table of subjects."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from functions.events import (
+    EVENT_CLASSES,
+    EVENT_TYPES,
+    AnyEvent,
+    DeliveryScheduled,
+    Event,
+    OrderCancelled,
+    OrderCompleted,
+    OrderCreated,
+    OrderItem,
+    PaymentFailed,
+    PaymentRefunded,
+    PaymentSucceeded,
+    Shortage,
+    StockLine,
+    StockReleased,
+    StockReserved,
+    StockUnavailable,
+    subject_of,
+)
+
+
+def order_payload() -> dict[str, Any]:
+    """What ``nats pub orders.created '{...}'`` sends: no ``type`` field."""
+    return {
+        "order_id": "o-1001",
+        "customer_id": "c-7",
+        "items": [{"sku": "BOOK-42", "quantity": 2, "unit_price_cents": 1500}],
+        "payment_token": "tok_visa",
+    }
+
+
+def decode(subject: str, payload: dict[str, Any]) -> Event:
+    return msgspec.json.decode(json.dumps(payload).encode(), type=EVENT_TYPES[subject])
+
+
+def test_decodes_by_subject_without_type_field() -> None:
+    order = decode("orders.created", order_payload())
+    assert order == OrderCreated(
+        "o-1001", "c-7", [OrderItem("BOOK-42", 2, 1500)], payment_token="tok_visa"
+    )
+    assert isinstance(order, OrderCreated)
+    assert order.total_cents == 3000
+
+
+def test_total_sums_every_line() -> None:
+    payload = order_payload()
+    payload["items"].append({"sku": "PEN-1", "quantity": 3, "unit_price_cents": 250})
+    order = decode("orders.created", payload)
+    assert isinstance(order, OrderCreated)
+    assert order.total_cents == 3000 + 750
+
+
+def test_encoded_event_carries_its_subject_as_type() -> None:
+    order = decode("orders.created", order_payload())
+    assert json.loads(msgspec.json.encode(order))["type"] == "orders.created"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p["items"][0].update(quantity=0), "$.items[0].quantity"),
+        (lambda p: p["items"][0].update(quantity=-3), "$.items[0].quantity"),
+        (lambda p: p["items"][0].update(quantity="2"), "$.items[0].quantity"),
+        (lambda p: p["items"][0].update(unit_price_cents=-1), "$.items[0].unit_price_cents"),
+        (lambda p: p.update(items=[]), "$.items"),
+        (lambda p: p["items"][0].pop("unit_price_cents"), "$.items[0]"),
+        (lambda p: p["items"][0].update(colour="red"), "$.items[0]"),
+        (lambda p: p.update(order_id="o.1001"), "$.order_id"),
+        (lambda p: p.update(order_id="-o-1001"), "$.order_id"),
+        (lambda p: p.update(order_id=""), "$.order_id"),
+        (lambda p: p.update(type="payments.failed"), "$.type"),
+    ],
+    ids=[
+        "zero-quantity",
+        "negative-quantity",
+        "quantity-as-string",
+        "negative-price",
+        "empty-items",
+        "missing-item-field",
+        "unknown-item-field",
+        "dot-in-order-id",
+        "order-id-leading-dash",
+        "empty-order-id",
+        "type-of-another-subject",
+    ],
+)
+def test_invalid_order_names_the_path(
+    mutate: Callable[[dict[str, Any]], object], expected: str
+) -> None:
+    payload = order_payload()
+    mutate(payload)
+    with pytest.raises(msgspec.ValidationError) as caught:
+        decode("orders.created", payload)
+    assert f"`{expected}`" in str(caught.value)
+
+
+def test_missing_top_level_field_is_named() -> None:
+    payload = order_payload()
+    del payload["payment_token"]
+    with pytest.raises(msgspec.ValidationError, match="missing required field `payment_token`"):
+        decode("orders.created", payload)
+
+
+def test_unknown_top_level_field_is_named() -> None:
+    payload = order_payload()
+    payload["coupon"] = "FREE"
+    with pytest.raises(msgspec.ValidationError, match="unknown field `coupon`"):
+        decode("orders.created", payload)
+
+
+def test_event_types_maps_every_subject_to_its_class() -> None:
+    expected: dict[str, type[Event]] = {
+        "orders.created": OrderCreated,
+        "orders.completed": OrderCompleted,
+        "orders.cancelled": OrderCancelled,
+        "payments.succeeded": PaymentSucceeded,
+        "payments.failed": PaymentFailed,
+        "payments.refunded": PaymentRefunded,
+        "stock.reserved": StockReserved,
+        "stock.unavailable": StockUnavailable,
+        "stock.released": StockReleased,
+        "delivery.scheduled": DeliveryScheduled,
+    }
+    assert dict(EVENT_TYPES) == expected
+    assert set(EVENT_TYPES.values()) == set(EVENT_CLASSES)
+    for subject, cls in EVENT_TYPES.items():
+        assert subject_of(cls) == subject
+
+
+ONE_OF_EACH: list[Event] = [
+    OrderCreated("o-1", "c-1", [OrderItem("SKU-1", 1, 100)], payment_token="tok_visa"),
+    OrderCompleted("o-1", tracking_id="TRK-1"),
+    OrderCancelled("o-1", reason="payment failed: card_declined"),
+    PaymentSucceeded("o-1", 100, charge_id="ch_1"),
+    PaymentFailed("o-1", 100, reason="card_declined"),
+    PaymentRefunded("o-1", 0, charge_id=None),
+    StockReserved("o-1", items=[StockLine("SKU-1", 1)]),
+    StockUnavailable("o-1", shortages=[Shortage("SKU-1", 2, 1)]),
+    StockReleased("o-1", items=[]),
+    DeliveryScheduled("o-1", tracking_id="TRK-1"),
+]
+
+
+def test_one_instance_per_class() -> None:
+    assert sorted(type(e).__name__ for e in ONE_OF_EACH) == sorted(
+        c.__name__ for c in EVENT_CLASSES
+    )
+
+
+@pytest.mark.parametrize("event", ONE_OF_EACH, ids=lambda e: subject_of(type(e)))
+def test_encode_decode_roundtrip(event: Event) -> None:
+    subject = subject_of(type(event))
+    raw = msgspec.json.encode(event)
+    assert msgspec.json.decode(raw, type=EVENT_TYPES[subject]) == event
+    # Whatever a stored event's subject, its ``type`` tag alone says what it is.
+    assert msgspec.json.decode(raw, type=AnyEvent) == event
