@@ -138,8 +138,14 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
 
     with nats_server(args.data_dir) as url:
         asyncio.run(_provision(url, topology, args.config.parent))
+        # The functions' own logs (retries of flaky cards...) go to files, so
+        # the terminal shows progress and the summary.
         supervisor = Supervisor(
-            url, args.config, _replicas(args.replicas, topology), log_level=args.log_level
+            url,
+            args.config,
+            _replicas(args.replicas, topology),
+            log_level=args.log_level,
+            log_dir=args.data_dir / "logs",
         )
         supervisor.start()
         try:
@@ -151,6 +157,7 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
         print(json.dumps(summary))
     else:
         print(demo.render(summary))
+        print(f"\nfunction logs: {args.data_dir / 'logs'}/", file=sys.stderr)
         log.info("demo took %.1fs in all", time.monotonic() - started)
     return 1 if summary["unfinished"] else 0
 

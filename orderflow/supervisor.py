@@ -47,11 +47,13 @@ class Supervisor:
         functions: dict[str, int],
         log_level: str = "WARNING",
         grace: float = 10.0,
+        log_dir: Path | None = None,
     ) -> None:
         self.url = url
         self.config = config
         self.log_level = log_level
         self.grace = grace
+        self.log_dir = log_dir
         self.children = [
             Child(name, replica) for name, count in functions.items() for replica in range(count)
         ]
@@ -63,7 +65,16 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, "NATS_URL": self.url}
-        child.process = subprocess.Popen(self.command(child.function), env=env, cwd=ROOT)
+        output = None
+        if self.log_dir is not None:
+            # Each child appends to its own file; closing our handle is safe.
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{child.label}.log", "ab")  # noqa: SIM115
+        child.process = subprocess.Popen(
+            self.command(child.function), env=env, cwd=ROOT, stdout=output, stderr=output
+        )
+        if output is not None:
+            output.close()
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.label, child.process.pid)
 
