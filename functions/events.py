@@ -34,6 +34,12 @@ class Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="
     order_id: OrderId
 
 
+class AnyOrderId(msgspec.Struct):
+    """Just the order id, read leniently from a message that failed to decode."""
+
+    order_id: OrderId
+
+
 class OrderItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sku: Sku
     quantity: Quantity
@@ -74,6 +80,16 @@ class OrderCompleted(Event, tag="orders.completed", frozen=True):
 
 class OrderCancelled(Event, tag="orders.cancelled", frozen=True):
     """Terminal: something failed and everything held for the order was given back."""
+
+    reason: Reason
+
+
+class OrderRejected(Event, tag="orders.rejected", frozen=True):
+    """An ``orders.created`` that could not be accepted (invalid), with the reason.
+
+    Emitted whenever the order id can be read; the message itself goes to the
+    dead letters, where it can be fixed and redriven.
+    """
 
     reason: Reason
 
@@ -134,6 +150,7 @@ AnyEvent = (
     OrderCreated
     | OrderCompleted
     | OrderCancelled
+    | OrderRejected
     | PaymentSucceeded
     | PaymentFailed
     | PaymentRefunded
@@ -147,6 +164,7 @@ EVENT_CLASSES: tuple[type[Event], ...] = (
     OrderCreated,
     OrderCompleted,
     OrderCancelled,
+    OrderRejected,
     PaymentSucceeded,
     PaymentFailed,
     PaymentRefunded,

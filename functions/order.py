@@ -27,6 +27,7 @@ from functions.events import (
     Event,
     OrderCancelled,
     OrderCompleted,
+    OrderCreated,
     PaymentFailed,
     PaymentRefunded,
     PaymentSucceeded,
@@ -103,6 +104,10 @@ def terminal_event(order_id: str, state: OrderState) -> list[Event]:
 
 
 async def handle(event: Event, store: Store) -> Sequence[Event]:
+    if isinstance(event, OrderCreated):
+        # Valid orders need nothing from us yet; this binding exists so that
+        # an *invalid* one is answered with orders.rejected (see streams.yaml).
+        return []
     trigger = subject_of(type(event))
 
     async def attempt() -> list[Event] | None:

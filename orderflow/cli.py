@@ -17,28 +17,49 @@ from pathlib import Path
 
 from orderflow import config as config_mod
 from orderflow.config import ConfigError, Topology
-from orderflow.connect import connect, url_from_env
-from orderflow.server import EmbeddedServer
+from orderflow.connect import DEFAULT_URL, connect, url_from_env
+from orderflow.server import EmbeddedServer, port_is_free
 
 log = logging.getLogger("orderflow")
 
 DATA_DIR = Path(".orderflow")
 
 
+URL_FILE = "nats.url"
+
+
 @contextmanager
 def nats_server(data_dir: Path) -> Iterator[str]:
-    """``NATS_URL`` when set; otherwise an embedded server storing under ``data_dir``."""
+    """``NATS_URL`` when set; otherwise an embedded server storing under ``data_dir``.
+
+    The embedded server takes port 4222 when it is free (so the nats CLI finds
+    it without flags) and leaves its URL in ``data_dir/nats.url`` for the
+    other commands (``dlq``, ``provision``) while it runs.
+    """
     url = url_from_env()
     if url:
         yield url
         return
-    server = EmbeddedServer(data_dir / "nats")
+    server = EmbeddedServer(data_dir / "nats", port=4222 if port_is_free(4222) else None)
     server.start()
+    url_file = data_dir / URL_FILE
+    url_file.write_text(server.url + "\n")
     log.warning("embedded nats-server on %s (data in %s)", server.url, server.store_dir)
     try:
         yield server.url
     finally:
+        url_file.unlink(missing_ok=True)
         server.stop()
+
+
+def server_url(data_dir: Path = DATA_DIR) -> str:
+    """``NATS_URL``, else the embedded server of a running ``up``, else the default."""
+    url_file = data_dir / URL_FILE
+    if url := url_from_env():
+        return url
+    if url_file.exists():
+        return url_file.read_text().strip()
+    return DEFAULT_URL
 
 
 def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
@@ -63,11 +84,7 @@ async def _provision(url: str, topology: Topology, base: Path) -> list[str]:
 
 
 def cmd_provision(args: argparse.Namespace, topology: Topology) -> int:
-    url = url_from_env()
-    if url is None:
-        print("NATS_URL is not set: provisioning needs a server (`up` starts one)", file=sys.stderr)
-        return 2
-    for line in asyncio.run(_provision(url, topology, args.config.parent)):
+    for line in asyncio.run(_provision(server_url(), topology, args.config.parent)):
         print(line)
     return 0
 
@@ -79,8 +96,44 @@ def cmd_run(args: argparse.Namespace, topology: Topology) -> int:
         print(f"unknown function {args.function!r}; streams.yaml defines: "
               f"{', '.join(topology.functions)}", file=sys.stderr)  # fmt: skip
         return 2
-    asyncio.run(serve(url_from_env() or "nats://127.0.0.1:4222", topology, args.function))
+    asyncio.run(serve(server_url(), topology, args.function))
     return 0
+
+
+async def _dlq(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import dlq
+
+    nc = await connect(server_url(), name="orderflow-dlq")
+    try:
+        letters = await dlq.dead_letters(nc, topology)
+        if args.action == "list":
+            if args.json:
+                print(json.dumps([d.as_json() for d in letters]))
+            else:
+                print(dlq.render_table(letters))
+            return 0
+        by_id = {d.id: d for d in letters}
+        missing = [i for i in args.ids if i not in by_id]
+        if missing:
+            print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
+            return 1
+        if args.action == "show":
+            for i in args.ids:
+                print(dlq.render_one(by_id[i]))
+            return 0
+        chosen = letters if args.all else [by_id[i] for i in args.ids]
+        if not chosen:
+            print("nothing to redrive (give IDs or --all)", file=sys.stderr)
+            return 1
+        for line in await dlq.redrive(nc, topology, chosen):
+            print(line)
+        return 0
+    finally:
+        await nc.close()
+
+
+def cmd_dlq(args: argparse.Namespace, topology: Topology) -> int:
+    return asyncio.run(_dlq(args, topology))
 
 
 async def _until_signalled(supervisor: object) -> None:
@@ -173,6 +226,16 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one function as this process")
     run.add_argument("function")
 
+    dlq = sub.add_parser("dlq", help="list, show and redrive dead letters")
+    dlq_actions = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_actions.add_parser("list", help="a table of every dead letter")
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_show = dlq_actions.add_parser("show", help="one dead letter: reason, headers, payload")
+    dlq_show.add_argument("ids", type=int, nargs="+", metavar="ID")
+    dlq_redrive = dlq_actions.add_parser("redrive", help="republish to the original subject")
+    dlq_redrive.add_argument("ids", type=int, nargs="*", metavar="ID")
+    dlq_redrive.add_argument("--all", action="store_true")
+
     for name, text in (
         ("up", "start a server (unless NATS_URL) and every function"),
         ("demo", "up, publish orders, wait for every outcome, summarise"),
@@ -188,7 +251,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"provision": cmd_provision, "run": cmd_run, "up": cmd_up, "demo": cmd_demo}
+COMMANDS = {
+    "provision": cmd_provision,
+    "run": cmd_run,
+    "up": cmd_up,
+    "demo": cmd_demo,
+    "dlq": cmd_dlq,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

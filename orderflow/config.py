@@ -77,6 +77,9 @@ class FunctionSpec(_Config, frozen=True):
     buckets: list[Name] = []
     # Messages one process handles at once.
     concurrency: Annotated[int, Meta(ge=1, le=1024)] = 16
+    # Subjects on which an invalid message is also answered with an
+    # orders.rejected event (when its order id can be read).
+    reject_invalid: list[str] = []
     retry: RetrySpec = msgspec.field(default_factory=RetrySpec)
 
 
@@ -136,6 +139,13 @@ def _check(topology: Topology) -> None:
                         f"{where}.filter_subjects: {subject!r} is not stored by stream "
                         f"{stream.name} (subjects: {', '.join(stream.subjects)})"
                     )
+        consumed = {s for c in fn.consumers for s in c.filter_subjects}
+        for subject in fn.reject_invalid:
+            if subject not in consumed:
+                raise ConfigError(
+                    f"functions.{name}.reject_invalid: {subject!r} is not one of its "
+                    f"filter_subjects ({', '.join(sorted(consumed))})"
+                )
         for bucket in fn.buckets:
             if bucket not in buckets:
                 raise ConfigError(f"functions.{name}.buckets: no bucket named {bucket!r}")

@@ -5,6 +5,8 @@ It behaves like a real provider where it matters to the flow:
 * ``tok_declined`` is declined (a business outcome, not an error);
 * ``tok_flaky`` times out (:class:`GatewayUnavailable`) on the first attempt
   for an idempotency key, then succeeds, so retries are exercised;
+* ``tok_unavailable`` always times out, so retries run out and the order's
+  message is dead-lettered;
 * every other token is charged;
 * the same idempotency key always gets the first answer back, across
   processes and restarts, because the gateway's memory is a KV bucket
@@ -19,9 +21,11 @@ import msgspec
 
 from functions.payment import Charged, Declined, GatewayUnavailable
 from functions.state import Store, Write
+from orderflow.failpoints import crash_point
 
 DECLINED_TOKEN = "tok_declined"
 FLAKY_TOKEN = "tok_flaky"
+DOWN_TOKEN = "tok_unavailable"  # the gateway never answers for it: retries, then a dead letter
 
 
 class ChargeRecord(msgspec.Struct, frozen=True):
@@ -50,6 +54,8 @@ class SimulatedGateway:
         key = f"charge.{idempotency_key}"
         seen = await self.store.get(key, ChargeRecord)
         if seen is None:
+            if token == DOWN_TOKEN:
+                raise GatewayUnavailable(f"gateway unreachable charging {idempotency_key}")
             if token == FLAKY_TOKEN and await self.store.commit(
                 Write(f"attempt.{idempotency_key}", Attempt(), 0)
             ):
@@ -63,6 +69,7 @@ class SimulatedGateway:
                 seen = await self.store.get(key, ChargeRecord)  # a concurrent call won
                 assert seen is not None
                 record = seen.value
+            crash_point("after-charge", "payment", idempotency_key.removeprefix("charge-"))
         else:
             record = seen.value
         if record.charge_id is not None:

@@ -37,6 +37,15 @@ def free_port() -> int:
         return port
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
     """Poll the TCP port: a failed first nats.connect would wait reconnect_time_wait (2 s)."""
     deadline = time.monotonic() + timeout

@@ -48,12 +48,14 @@ class Supervisor:
         log_level: str = "WARNING",
         grace: float = 10.0,
         log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.url = url
         self.config = config
         self.log_level = log_level
         self.grace = grace
         self.log_dir = log_dir
+        self.env = env or {}
         self.children = [
             Child(name, replica) for name, count in functions.items() for replica in range(count)
         ]
@@ -64,7 +66,7 @@ class Supervisor:
                 "--log-level", self.log_level, "run", function]  # fmt: skip
 
     def _spawn(self, child: Child) -> None:
-        env = {**os.environ, "NATS_URL": self.url}
+        env = {**os.environ, **self.env, "NATS_URL": self.url}
         output = None
         if self.log_dir is not None:
             # Each child appends to its own file; closing our handle is safe.

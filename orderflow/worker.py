@@ -34,9 +34,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent, Retry
-from functions.events import EVENT_TYPES, Event, subject_of
+from functions.events import EVENT_TYPES, AnyOrderId, Event, OrderRejected, subject_of
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.deadletter import DeadLetters
+from orderflow.failpoints import crash_point
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
 
@@ -48,6 +49,7 @@ FETCH_TIMEOUT = 1.0
 
 _decoders = {subject: msgspec.json.Decoder(cls) for subject, cls in EVENT_TYPES.items()}
 _encoder = msgspec.json.Encoder()
+_order_id_decoder = msgspec.json.Decoder(AnyOrderId)
 
 
 def message_id(event: Event) -> str:
@@ -122,7 +124,7 @@ class Worker:
         attempt = msg.metadata.num_delivered
         if len(msg.data) > self.max_payload:
             reason = f"payload of {len(msg.data)} bytes exceeds max_payload {self.max_payload}"
-            await self.dead_letters.add(msg, reason)
+            await self._reject(msg, reason)
             return
         decoder = _decoders.get(msg.subject)
         if decoder is None:
@@ -130,8 +132,11 @@ class Worker:
             return
         try:
             event: Event = decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-            await self.dead_letters.add(msg, f"invalid {msg.subject}: {exc}")
+        except msgspec.ValidationError as exc:
+            await self._reject(msg, f"invalid {msg.subject}: {exc}")
+            return
+        except msgspec.DecodeError as exc:
+            await self._reject(msg, f"{msg.subject} is not valid JSON: {exc}")
             return
         if attempt > consumer.max_deliver:
             reason = (
@@ -141,7 +146,9 @@ class Worker:
             return
         try:
             emitted = await self._keeping_alive(msg, consumer, self.handler(event))
+            crash_point("after-handle", self.name, event.order_id, msg.subject)
             await self._publish(emitted)
+            crash_point("after-publish", self.name, event.order_id, msg.subject)
         except Permanent as exc:
             await self.dead_letters.add(msg, f"permanent failure: {exc}")
             return
@@ -161,6 +168,22 @@ class Worker:
         await msg.ack()
         log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
                   [subject_of(type(e)) for e in emitted])  # fmt: skip
+
+    async def _reject(self, msg: Msg, reason: str) -> None:
+        """Dead-letter an input that can never be handled; tell its publisher when we can."""
+        if msg.subject in self.spec.reject_invalid:
+            order_id = _readable_order_id(msg.data)
+            if order_id is not None:
+                meta = msg.metadata
+                await self.js.publish(
+                    subject_of(OrderRejected),
+                    _encoder.encode(OrderRejected(order_id, reason=reason[:500])),
+                    # One rejection per rejected message, however often it is delivered.
+                    headers={
+                        "Nats-Msg-Id": f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
+                    },
+                )
+        await self.dead_letters.add(msg, reason)
 
     async def _keeping_alive(
         self, msg: Msg, consumer: ConsumerSpec, work: Awaitable[Sequence[Event]]
@@ -190,6 +213,13 @@ class Worker:
                 for event in events
             )
         )
+
+
+def _readable_order_id(data: bytes) -> str | None:
+    try:
+        return _order_id_decoder.decode(data).order_id
+    except msgspec.DecodeError:
+        return None
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

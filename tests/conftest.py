@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -45,18 +44,45 @@ async def provisioned(nc: Client, topology: Topology) -> Client:
     return nc
 
 
+@pytest.fixture
+def variant_config(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a copy of streams.yaml with text replaced, e.g. a shorter ack_wait."""
+
+    def make(*replacements: tuple[str, str]) -> Path:
+        text = (ROOT / "streams.yaml").read_text()
+        text = text.replace("file: inventory.yaml", f"file: {ROOT / 'inventory.yaml'}")
+        for old, new in replacements:
+            assert old in text, f"streams.yaml no longer contains {old!r}"
+            text = text.replace(old, new)
+        path = tmp_path / "streams.yaml"
+        path.write_text(text)
+        return path
+
+    return make
+
+
 StartFlow = Callable[..., Awaitable[Flow]]
 
 
 @pytest.fixture
-async def start_flow(
-    server: EmbeddedServer, provisioned: Client, topology: Topology
-) -> AsyncIterator[StartFlow]:
-    """Factory: every function as its own OS process (``runner.py run NAME``) on ``server``."""
+async def start_flow(server: EmbeddedServer, provisioned: Client) -> AsyncIterator[StartFlow]:
+    """Factory: every function as its own OS process (``runner.py run NAME``) on ``server``.
+
+    ``config`` swaps in another topology file (it is provisioned first, so its
+    settings are what the server runs); ``env`` reaches the function processes.
+    """
     flows: list[Flow] = []
 
-    async def start(replicas: dict[str, int] | None = None) -> Flow:
-        flow = Flow(server, provisioned, topology, ROOT / "streams.yaml", replicas or {})
+    async def start(
+        replicas: dict[str, int] | None = None,
+        config_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Flow:
+        path = config_path or ROOT / "streams.yaml"
+        topology = config.load(path)
+        if config_path is not None:
+            await provision(provisioned, topology, path.parent)
+        flow = Flow(server, provisioned, topology, path, replicas or {}, env or {})
         flows.append(flow)
         flow.start()
         return flow
@@ -64,4 +90,3 @@ async def start_flow(
     yield start
     for flow in flows:
         await flow.stop()
-    await asyncio.sleep(0)

@@ -14,6 +14,7 @@ from functions.events import TERMINAL_SUBJECTS, OrderCreated, OrderItem
 from functions.stock import Level, level_key
 from orderflow.config import Topology, load_inventory
 from orderflow.demo import payload
+from orderflow.dlq import DeadLetter, dead_letters
 from orderflow.kv import KvStore
 from orderflow.server import EmbeddedServer
 from orderflow.streamlog import Stored, read_stream
@@ -35,12 +36,13 @@ class Flow:
         topology: Topology,
         config: Path,
         replicas: dict[str, int],
+        env: dict[str, str],
     ) -> None:
         self.server = server
         self.nc = nc
         self.topology = topology
         counts = {name: replicas.get(name, 1) for name in topology.functions}
-        self.supervisor = Supervisor(server.url, config, counts, log_level="WARNING")
+        self.supervisor = Supervisor(server.url, config, counts, log_level="WARNING", env=env)
         self._stop = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self.root = config.parent
@@ -99,6 +101,9 @@ class Flow:
     def initial_stock(self) -> dict[str, int]:
         assert self.topology.inventory is not None
         return load_inventory(self.root / self.topology.inventory.file)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        return await dead_letters(self.nc, self.topology)
 
     async def assert_stock_conserved(self) -> None:
         """initial = available + what completed orders took, SKU by SKU."""

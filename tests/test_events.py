@@ -19,6 +19,7 @@ from functions.events import (
     OrderCompleted,
     OrderCreated,
     OrderItem,
+    OrderRejected,
     PaymentFailed,
     PaymentRefunded,
     PaymentSucceeded,
@@ -125,6 +126,7 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
         "orders.created": OrderCreated,
         "orders.completed": OrderCompleted,
         "orders.cancelled": OrderCancelled,
+        "orders.rejected": OrderRejected,
         "payments.succeeded": PaymentSucceeded,
         "payments.failed": PaymentFailed,
         "payments.refunded": PaymentRefunded,
@@ -141,6 +143,7 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
 
 ONE_OF_EACH: list[Event] = [
     OrderCreated("o-1", "c-1", [OrderItem("SKU-1", 1, 100)], payment_token="tok_visa"),
+    OrderRejected("o-1", reason="invalid orders.created: Expected `int` >= 1"),
     OrderCompleted("o-1", tracking_id="TRK-1"),
     OrderCancelled("o-1", reason="payment failed: card_declined"),
     PaymentSucceeded("o-1", 100, charge_id="ch_1"),

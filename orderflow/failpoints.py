@@ -1,0 +1,36 @@
+"""Crash on purpose at a named moment, to prove that effects happen once.
+
+Off unless ``ORDERFLOW_CRASH`` is set, as ``POINT:FUNCTION:ORDER_ID[:SUBJECT]``
+with POINT one of :data:`POINTS`. The process then SIGKILLs itself the first
+time it reaches that point for that order (and input subject), leaving no
+chance to clean up, exactly like a power cut. ``ORDERFLOW_CRASH_MARKER`` names
+a file created just before dying, so the restarted process does not die
+again and a test can tell that the crash really happened.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+POINTS = (
+    "after-charge",  # the gateway charged; payment has not recorded it
+    "after-handle",  # the handler committed its state; nothing is published
+    "after-publish",  # every output is published and acked; the input is not acked
+)
+
+_SPEC = os.environ.get("ORDERFLOW_CRASH", "")
+_MARKER = os.environ.get("ORDERFLOW_CRASH_MARKER", "")
+
+
+def crash_point(point: str, function: str, order_id: str, subject: str = "") -> None:
+    if not _SPEC:
+        return
+    want = _SPEC.split(":")
+    got = [point, function, order_id, subject][: len(want)]
+    if want != got or (_MARKER and Path(_MARKER).exists()):
+        return
+    if _MARKER:
+        Path(_MARKER).write_text(f"{os.getpid()} {point} {function} {order_id} {subject}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
