@@ -1,11 +1,13 @@
 """Crash on purpose at a named moment, to prove that effects happen once.
 
 Off unless ``ORDERFLOW_CRASH`` is set, as ``POINT:FUNCTION:ORDER_ID[:SUBJECT]``
-with POINT one of :data:`POINTS`. The process then SIGKILLs itself the first
-time it reaches that point for that order (and input subject), leaving no
-chance to clean up, exactly like a power cut. ``ORDERFLOW_CRASH_MARKER`` names
-a file created just before dying, so the restarted process does not die
-again and a test can tell that the crash really happened.
+with POINT one of :data:`POINTS` (for ``after-charge``, the gateway's
+idempotency key ``charge-<ORDER_ID>`` stands for the order id). The process
+then SIGKILLs itself the first time it reaches that point for that order (and
+input subject), leaving no chance to clean up, exactly like a power cut.
+``ORDERFLOW_CRASH_MARKER`` names a file created just before dying, so the
+restarted process does not die again and a test can tell that the crash
+really happened.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class SimulatedGateway:
                 seen = await self.store.get(key, ChargeRecord)  # a concurrent call won
                 assert seen is not None
                 record = seen.value
-            crash_point("after-charge", "payment", idempotency_key.removeprefix("charge-"))
+            crash_point("after-charge", "payment", idempotency_key)
         else:
             record = seen.value
         if record.charge_id is not None:

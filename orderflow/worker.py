@@ -110,6 +110,7 @@ class Worker:
         if in_hand:
             await asyncio.wait(in_hand)
         if sub is not None:
+            await _hand_back_late_arrivals(sub)
             await _unsubscribe(sub)
 
     async def process(self, msg: Msg, consumer: ConsumerSpec) -> None:
@@ -213,6 +214,21 @@ class Worker:
                 for event in events
             )
         )
+
+
+async def _hand_back_late_arrivals(sub: Any) -> None:
+    """Nak what the server delivered after our last fetch gave up waiting.
+
+    A pull request outlives a fetch that timed out on the client, so messages
+    can arrive that no fetch will return; left alone they would sit out
+    ack_wait before another process gets them. The pending queue is private
+    to nats-py's subscription: there is no public way to read it.
+    """
+    queue = sub._sub._pending_queue
+    while not queue.empty():
+        msg = queue.get_nowait()
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            await msg.nak()
 
 
 def _readable_order_id(data: bytes) -> str | None:

@@ -90,6 +90,27 @@ class Flow:
                 )
             await asyncio.sleep(0.25)
 
+    async def wait_quiet(self, timeout: float = 30.0) -> None:
+        """Until every consumer has nothing pending and nothing unacked.
+
+        A terminal event can be out while a redelivery (after a crash) is still
+        due: effects are only final once every input has been acked.
+        """
+        js = self.nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = {}
+            for name, fn in self.topology.functions.items():
+                for consumer in fn.consumers:
+                    info = await js.consumer_info(consumer.stream, consumer.durable)
+                    if info.num_pending or info.num_ack_pending:
+                        busy[name] = (info.num_pending, info.num_ack_pending)
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"consumers still busy after {timeout}s: {busy}")
+            await asyncio.sleep(0.2)
+
     async def levels(self) -> dict[str, int]:
         store = KvStore(self.nc, "stock")
         out = {}
@@ -106,7 +127,8 @@ class Flow:
         return await dead_letters(self.nc, self.topology)
 
     async def assert_stock_conserved(self) -> None:
-        """initial = available + what completed orders took, SKU by SKU."""
+        """initial = available + what completed orders took, SKU by SKU, once all is acked."""
+        await self.wait_quiet()
         taken: dict[str, int] = defaultdict(int)
         completed = set()
         created: dict[str, OrderCreated] = {}
