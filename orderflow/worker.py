@@ -123,6 +123,15 @@ class Worker:
 
     async def _process(self, msg: Msg, consumer: ConsumerSpec) -> None:
         attempt = msg.metadata.num_delivered
+        if attempt > consumer.max_deliver:
+            # First, before anything that could fail again: whatever kept this
+            # message from being settled (a process dying on it, a bug), it
+            # ends here, in the dead letters, not in an endless loop.
+            reason = (
+                f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
+            )
+            await self.dead_letters.add(msg, reason)
+            return
         if len(msg.data) > self.max_payload:
             reason = f"payload of {len(msg.data)} bytes exceeds max_payload {self.max_payload}"
             await self._reject(msg, reason)
@@ -136,14 +145,9 @@ class Worker:
         except msgspec.ValidationError as exc:
             await self._reject(msg, f"invalid {msg.subject}: {exc}")
             return
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
             await self._reject(msg, f"{msg.subject} is not valid JSON: {exc}")
-            return
-        if attempt > consumer.max_deliver:
-            reason = (
-                f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
-            )
-            await self.dead_letters.add(msg, reason)
             return
         try:
             emitted = await self._keeping_alive(msg, consumer, self.handler(event))
@@ -234,7 +238,7 @@ async def _hand_back_late_arrivals(sub: Any) -> None:
 def _readable_order_id(data: bytes) -> str | None:
     try:
         return _order_id_decoder.decode(data).order_id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None
 
 
