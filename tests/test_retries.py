@@ -122,7 +122,13 @@ async def test_a_slow_handler_keeps_its_message_and_stop_drains(
     stop.set()  # what SIGTERM does in `runner.py run`
     await task
 
-    info = await nc.jetstream().consumer_info("ORDERS", "delivery")
+    # The server applies acks asynchronously; give it a moment, well under
+    # ack_wait (1 s), so that an unacked message cannot pass for an acked one.
+    for _ in range(10):
+        info = await nc.jetstream().consumer_info("ORDERS", "delivery")
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
     assert started and sorted(started) == sorted(finished)  # everything in hand was finished
     assert len(set(started)) == len(started)  # and handled once: no redelivery while slow
     assert info.num_redelivered == 0
