@@ -8,7 +8,8 @@ import pytest
 
 from functions import delivery
 from functions.events import DeliveryScheduled, Event, PaymentSucceeded, StockLine, StockReserved
-from functions.state import MemoryStore, T, Versioned, Write
+from functions.state import MemoryStore
+from tests.stores import InterleavingStore
 
 PAID = PaymentSucceeded("o-1", 3000, charge_id="ch_1")
 RESERVED = StockReserved("o-1", [StockLine("BOOK-42", 2)])
@@ -42,24 +43,6 @@ async def test_redelivery_after_completion_repeats_the_same_event(again: Event) 
 async def test_a_lone_half_emits_nothing(half: Event) -> None:
     store = MemoryStore()
     assert await feed(store, half, half) == [[], []]
-
-
-class InterleavingStore(MemoryStore):
-    """A MemoryStore whose reads yield to the event loop, so concurrent handlers interleave."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conflicts = 0
-
-    async def get(self, key: str, type: type[T]) -> Versioned[T] | None:
-        found = await super().get(key, type)
-        await asyncio.sleep(0)  # let the other handler read the same revision
-        return found
-
-    async def commit(self, *writes: Write) -> bool:
-        ok = await super().commit(*writes)
-        self.conflicts += not ok
-        return ok
 
 
 async def test_concurrent_halves_schedule_once() -> None:

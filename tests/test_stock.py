@@ -15,8 +15,9 @@ from functions.events import (
     StockReserved,
     StockUnavailable,
 )
-from functions.state import MemoryStore, T, Versioned, Write
+from functions.state import MemoryStore, Write
 from functions.stock import Level, Reservation, decide_release, decide_reservation, events_for
+from tests.stores import InterleavingStore
 
 
 def order(order_id: str, *lines: tuple[str, int]) -> OrderCreated:
@@ -160,24 +161,6 @@ async def test_failed_payment_for_an_unavailable_order_emits_nothing() -> None:
     await stock.handle(order("o-1", ("A", 2)), store)
     assert await stock.handle(declined("o-1"), store) == []
     assert await level(store, "A") == 1
-
-
-class InterleavingStore(MemoryStore):
-    """A MemoryStore whose reads yield to the event loop, so concurrent handlers interleave."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conflicts = 0
-
-    async def get(self, key: str, type: type[T]) -> Versioned[T] | None:
-        found = await super().get(key, type)
-        await asyncio.sleep(0)  # let the other handler read the same revision
-        return found
-
-    async def commit(self, *writes: Write) -> bool:
-        ok = await super().commit(*writes)
-        self.conflicts += not ok
-        return ok
 
 
 async def test_concurrent_orders_for_the_last_units_reserve_once() -> None:
