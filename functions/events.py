@@ -108,14 +108,10 @@ class PaymentFailed(Event, tag="payments.failed", frozen=True):
 
 
 class PaymentRefunded(Event, tag="payments.refunded", frozen=True):
-    """The order holds no money any more.
-
-    ``amount_cents`` is what went back to the customer: 0 with ``charge_id``
-    ``None`` when stock failed before payment ran, so nothing was ever charged.
-    """
+    """The charge of a succeeded payment went back to the customer."""
 
     amount_cents: Cents
-    charge_id: str | None
+    charge_id: str
 
 
 # --- stock ------------------------------------------------------------------
@@ -130,11 +126,7 @@ class StockUnavailable(Event, tag="stock.unavailable", frozen=True):
 
 
 class StockReleased(Event, tag="stock.released", frozen=True):
-    """The order holds no stock any more.
-
-    ``items`` is what went back on the shelf: empty when payment failed before
-    stock ran, so nothing was ever reserved.
-    """
+    """A reservation went back on the shelf."""
 
     items: list[StockLine]
 

@@ -7,10 +7,13 @@ answer instead of charging twice.
 
 State (the ``payments`` bucket, ``payment.<ID>`` -> :class:`PaymentRecord`)
 says where the order stands. The record is *claimed* (``charging``) before
-the gateway is called, which settles a race: if ``stock.unavailable`` arrives
-first it finds no record and marks the order ``voided`` (never charge it); if
-it arrives while a charge is under way it is retried later, once the charge
-has an outcome that can be refunded.
+the gateway is called, so a charge is never made twice.
+
+A refund needs a charge to refund: ``stock.unavailable`` that arrives before
+this function has decided the charge (no record yet, or one still
+``charging``) is retried later rather than guessed at. So what payment emits
+for an order depends only on which events it has seen, never on the order it
+saw them in, which is what lets a recorded history replay exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Gateway(Protocol):
 
 
 class PaymentRecord(msgspec.Struct, frozen=True):
-    status: Literal["charging", "charged", "declined", "refunded", "voided"]
+    status: Literal["charging", "charged", "declined", "refunded"]
     amount_cents: int = 0
     charge_id: str | None = None
     reason: str = ""
@@ -92,11 +95,9 @@ def events_for(order_id: str, record: PaymentRecord, trigger: type[Event]) -> li
             return [PaymentSucceeded(order_id, record.amount_cents, charge_id=record.charge_id)]
         if record.status == "declined":
             return [PaymentFailed(order_id, record.amount_cents, reason=record.reason)]
-        return []  # voided: stock failed first, the order is never charged
-    if record.status == "refunded":
+        return []  # still charging: nothing decided yet
+    if record.status == "refunded" and record.charge_id:
         return [PaymentRefunded(order_id, record.amount_cents, charge_id=record.charge_id)]
-    if record.status == "voided":
-        return [PaymentRefunded(order_id, 0, charge_id=None)]
     return []  # declined: no money was taken, nothing to give back
 
 
@@ -137,13 +138,10 @@ async def _refund(
 ) -> list[Event] | None:
     key = payment_key(unavailable.order_id)
     current = await store.get(key, PaymentRecord)
-    if current is None:
-        record = PaymentRecord("voided")
-        if not await store.commit(Write(key, record, 0)):
-            return None
-        return events_for(unavailable.order_id, record, StockUnavailable)
-    if current.value.status == "charging":
-        raise Retry("a charge for this order is still in progress", defer=0.5)
+    if current is None or current.value.status == "charging":
+        # Ours to settle once the charge is decided (orders.created is ahead
+        # of this message in our own consumer, so it is on its way).
+        raise Retry("the charge for this order is not decided yet")
     if current.value.status != "charged":
         return events_for(unavailable.order_id, current.value, StockUnavailable)
     charge_id = current.value.charge_id

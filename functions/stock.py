@@ -9,6 +9,11 @@ A reservation decrements every SKU's level *and* creates the order's record in
 one atomic commit, so a redelivered ``orders.created`` finds the record and
 repeats the recorded outcome instead of reserving twice, and two replicas
 racing on the same SKU cannot both take the last unit.
+
+A release needs a reservation decision: ``payments.failed`` that arrives
+before this function has handled the order is retried later rather than
+guessed at, so what stock emits for an order depends only on which events it
+has seen, never on their order (what lets a recorded history replay exactly).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from functions.events import (
     StockReserved,
     StockUnavailable,
 )
+from functions.errors import Retry
 from functions.state import Store, Versioned, Write, optimistically
 
 
@@ -37,9 +43,8 @@ class Level(msgspec.Struct, frozen=True):
 
 
 class Reservation(msgspec.Struct, frozen=True):
-    # reserved -> released; unavailable is final; voided means payment failed
-    # before we saw the order, so we must never reserve for it.
-    status: Literal["reserved", "unavailable", "released", "voided"]
+    # reserved -> released; unavailable is final.
+    status: Literal["reserved", "unavailable", "released"]
     items: list[StockLine] = []
     shortages: list[Shortage] = []
 
@@ -80,11 +85,9 @@ def decide_reservation(
 
 
 def decide_release(
-    reservation: Reservation | None, available: Mapping[str, int]
+    reservation: Reservation, available: Mapping[str, int]
 ) -> tuple[Reservation | None, dict[str, int]]:
     """After a failed payment: the order's new record and levels (``None``: nothing to change)."""
-    if reservation is None:
-        return Reservation("voided"), {}
     if reservation.status == "reserved":
         levels = {line.sku: available[line.sku] + line.quantity for line in reservation.items}
         return Reservation("released", items=reservation.items), levels
@@ -96,10 +99,8 @@ def events_for(order_id: str, reservation: Reservation, trigger: type[Event]) ->
     if trigger is OrderCreated:
         if reservation.status in ("reserved", "released"):
             return [StockReserved(order_id, items=reservation.items)]
-        if reservation.status == "unavailable":
-            return [StockUnavailable(order_id, shortages=reservation.shortages)]
-        return []  # voided: payment failed first, nothing was reserved or announced
-    if reservation.status in ("released", "voided"):
+        return [StockUnavailable(order_id, shortages=reservation.shortages)]
+    if reservation.status == "released":
         return [StockReleased(order_id, items=reservation.items)]
     return []  # unavailable: nothing is held, nothing to give back
 
@@ -145,17 +146,20 @@ async def _reserve(order: OrderCreated, store: Store) -> list[Event] | None:
 
 async def _release(failed: PaymentFailed, store: Store) -> list[Event] | None:
     existing = await store.get(order_key(failed.order_id), Reservation)
-    reservation = existing.value if existing else None
-    held = reservation.items if reservation and reservation.status == "reserved" else []
+    if existing is None:
+        # Ours to settle once we have decided the reservation (orders.created
+        # is ahead of this message in our own consumer, so it is on its way).
+        raise Retry("no reservation decided for this order yet")
+    reservation = existing.value
+    held = reservation.items if reservation.status == "reserved" else []
     current = await _levels(store, [line.sku for line in held])
     available = {sku: entry.value.available if entry else 0 for sku, entry in current.items()}
     new_reservation, new_levels = decide_release(reservation, available)
     if new_reservation is None:
-        assert reservation is not None
         return events_for(failed.order_id, reservation, PaymentFailed)
     writes = [
         *_level_writes(new_levels, current),
-        Write(order_key(failed.order_id), new_reservation, existing.revision if existing else 0),
+        Write(order_key(failed.order_id), new_reservation, existing.revision),
     ]
     if not await store.commit(*writes):
         return None

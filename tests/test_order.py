@@ -29,11 +29,9 @@ LINES = [StockLine("BOOK-42", 2)]
 SUCCEEDED = PaymentSucceeded("o-1", 3000, charge_id="ch_1")
 FAILED = PaymentFailed("o-1", 3000, reason="card_declined")
 REFUNDED = PaymentRefunded("o-1", 3000, charge_id="ch_1")
-VOIDED = PaymentRefunded("o-1", 0, charge_id=None)
 RESERVED = StockReserved("o-1", LINES)
 UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 1)])
 RELEASED = StockReleased("o-1", LINES)
-NOTHING_RELEASED = StockReleased("o-1", [])
 SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1")
 
 COMPLETED = OrderCompleted("o-1", tracking_id="TRK-1")
@@ -94,17 +92,12 @@ PATHS: dict[str, tuple[tuple[Event, ...], Event]] = {
         (FAILED, RESERVED, RELEASED),
         OrderCancelled("o-1", reason=DECLINED),
     ),
-    "declined-before-stock": ((FAILED, NOTHING_RELEASED), OrderCancelled("o-1", reason=DECLINED)),
     "declined-and-out-of-stock": (
         (FAILED, UNAVAILABLE),
         OrderCancelled("o-1", reason=f"{DECLINED}; {OUT_OF_STOCK}"),
     ),
     "out-of-stock-after-charge": (
         (SUCCEEDED, UNAVAILABLE, REFUNDED),
-        OrderCancelled("o-1", reason=OUT_OF_STOCK),
-    ),
-    "out-of-stock-before-charge": (
-        (UNAVAILABLE, VOIDED),
         OrderCancelled("o-1", reason=OUT_OF_STOCK),
     ),
 }
