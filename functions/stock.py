@@ -24,6 +24,7 @@ from typing import Literal
 
 import msgspec
 
+from functions.errors import Retry
 from functions.events import (
     Event,
     OrderCreated,
@@ -34,7 +35,6 @@ from functions.events import (
     StockReserved,
     StockUnavailable,
 )
-from functions.errors import Retry
 from functions.state import Store, Versioned, Write, optimistically
 
 

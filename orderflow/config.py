@@ -74,6 +74,8 @@ class RetrySpec(_Config, frozen=True):
 
 class FunctionSpec(_Config, frozen=True):
     consumers: Annotated[list[ConsumerSpec], Meta(min_length=1)]
+    # Every subject the function may publish; anything else is a bug, dead-lettered.
+    emits: list[str] = []
     buckets: list[Name] = []
     # Messages one process handles at once.
     concurrency: Annotated[int, Meta(ge=1, le=1024)] = 16
@@ -95,11 +97,18 @@ class DeadLetterSpec(_Config, frozen=True):
     max_payload: Annotated[int, Meta(ge=1)] = 64 * 1024
 
 
+class RetryLogSpec(_Config, frozen=True):
+    stream: Name
+    subject_prefix: Name = "retries"
+
+
 class Topology(_Config, frozen=True):
     streams: Annotated[list[StreamSpec], Meta(min_length=1)]
     buckets: list[BucketSpec]
     functions: dict[Name, FunctionSpec]
     dead_letters: DeadLetterSpec
+    # Where every retry is noted, so a trace can show it; none: not noted.
+    retry_log: RetryLogSpec | None = None
     inventory: InventorySpec | None = None
 
     def stream(self, name: str) -> StreamSpec:
@@ -149,6 +158,12 @@ def _check(topology: Topology) -> None:
         for bucket in fn.buckets:
             if bucket not in buckets:
                 raise ConfigError(f"functions.{name}.buckets: no bucket named {bucket!r}")
+    for name, fn in topology.functions.items():
+        for subject in fn.emits:
+            if not any(_subject_matches(p, subject) for s in streams.values() for p in s.subjects):
+                raise ConfigError(f"functions.{name}.emits: no stream stores {subject!r}")
+    if topology.retry_log and topology.retry_log.stream not in streams:
+        raise ConfigError(f"retry_log.stream: no stream named {topology.retry_log.stream!r}")
     if topology.dead_letters.stream not in streams:
         raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
     if topology.inventory and topology.inventory.bucket not in buckets:

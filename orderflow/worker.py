@@ -7,7 +7,8 @@ For every message, in this order:
    handling it kept dying: a poison message must not crash-loop forever);
 3. call the handler with the decoded Struct;
 4. publish what it returned, each event with a deterministic ``Nats-Msg-Id``
-   (``<subject>:<order id>``), and wait for every publish ack;
+   (``<subject>:<order id>``) and its context headers (``orderflow.context``),
+   and wait for every publish ack;
 5. only then ack the input.
 
 A process killed anywhere in between leaves the input unacked: it comes back
@@ -36,10 +37,24 @@ from nats.aio.msg import Msg
 from functions.errors import Permanent, Retry
 from functions.events import EVENT_TYPES, AnyOrderId, Event, OrderRejected, subject_of
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
+from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_for, input_event_id
 from orderflow.deadletter import DeadLetters
 from orderflow.failpoints import crash_point
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
+
+
+class RetryNote(msgspec.Struct, frozen=True):
+    """One failed attempt, as noted in the retry log."""
+
+    function: str
+    subject: str
+    order_id: str
+    sequence: int
+    attempt: int
+    delay_s: float
+    error: str
+
 
 log = logging.getLogger("orderflow.worker")
 
@@ -66,6 +81,7 @@ class Worker:
         self.handler = handler
         self.dead_letters = DeadLetters(nc, topology.dead_letters, function)
         self.max_payload = topology.dead_letters.max_payload
+        self.retry_log = topology.retry_log
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume every binding until ``stop`` is set, then finish what is in hand."""
@@ -152,7 +168,7 @@ class Worker:
         try:
             emitted = await self._keeping_alive(msg, consumer, self.handler(event))
             crash_point("after-handle", self.name, event.order_id, msg.subject)
-            await self._publish(emitted)
+            await self._publish(emitted, cause=msg)
             crash_point("after-publish", self.name, event.order_id, msg.subject)
         except Permanent as exc:
             await self.dead_letters.add(msg, f"permanent failure: {exc}")
@@ -169,6 +185,7 @@ class Worker:
                 self.name, msg.subject, event.order_id, attempt, delay, type(exc).__name__, exc,
             )  # fmt: skip
             await msg.nak(delay=delay)
+            await self._note_retry(msg, event, delay, exc)
             return
         await msg.ack()
         log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
@@ -180,13 +197,13 @@ class Worker:
             order_id = _readable_order_id(msg.data)
             if order_id is not None:
                 meta = msg.metadata
+                rejection = OrderRejected(order_id, reason=reason[:500])
+                # One rejection per rejected message, however often it is delivered.
+                event_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
                 await self.js.publish(
                     subject_of(OrderRejected),
-                    _encoder.encode(OrderRejected(order_id, reason=reason[:500])),
-                    # One rejection per rejected message, however often it is delivered.
-                    headers={
-                        "Nats-Msg-Id": f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
-                    },
+                    _encoder.encode(rejection),
+                    headers=self._context(event_id, rejection, msg),
                 )
         await self.dead_letters.add(msg, reason)
 
@@ -206,18 +223,65 @@ class Worker:
                 return task.result()
             await msg.in_progress()
 
-    async def _publish(self, events: Sequence[Event]) -> None:
+    def _context(self, event_id: str, event: Event, cause: Msg) -> dict[str, str]:
+        meta = cause.metadata
+        cause_headers = cause.headers or {}
+        return headers_for(
+            event_id=event_id,
+            order_id=event.order_id,
+            function=self.name,
+            cause=cause_headers,
+            cause_id=input_event_id(cause_headers, meta.stream, meta.sequence.stream),
+        )
+
+    async def _publish(self, events: Sequence[Event], cause: Msg) -> None:
+        undeclared = [s for e in events if (s := subject_of(type(e))) not in self.spec.emits]
+        if undeclared:
+            # A bug, not bad luck: retrying would publish the same thing again.
+            raise Permanent(
+                f"{self.name} emitted {', '.join(undeclared)}, not in functions.{self.name}.emits "
+                f"({', '.join(self.spec.emits) or 'nothing'})"
+            )
         # Concurrently: the input is acked only once every ack is in.
         await asyncio.gather(
             *(
                 self.js.publish(
                     subject_of(type(event)),
                     _encoder.encode(event),
-                    headers={"Nats-Msg-Id": message_id(event)},
+                    headers=self._context(message_id(event), event, cause),
                 )
                 for event in events
             )
         )
+
+    async def _note_retry(self, msg: Msg, event: Event, delay: float, exc: Exception) -> None:
+        """Put the failed attempt in the log, for ``trace``; best effort, never in the way."""
+        if self.retry_log is None:
+            return
+        meta = msg.metadata
+        note = RetryNote(
+            function=self.name,
+            subject=msg.subject,
+            order_id=event.order_id,
+            sequence=meta.sequence.stream,
+            attempt=meta.num_delivered,
+            delay_s=delay,
+            error=f"{type(exc).__name__}: {exc}"[:500],
+        )
+        cause_headers = msg.headers or {}
+        headers = {
+            CORRELATION_ID: event.order_id,
+            CAUSATION_ID: input_event_id(cause_headers, meta.stream, meta.sequence.stream),
+            FUNCTION: self.name,
+        }
+        try:
+            await self.js.publish(
+                f"{self.retry_log.subject_prefix}.{self.name}",
+                _encoder.encode(note),
+                headers=headers,
+            )
+        except Exception as exc:  # the retry itself is already scheduled
+            log.debug("%s: could not note a retry: %r", self.name, exc)
 
 
 async def _hand_back_late_arrivals(sub: Any) -> None:

@@ -66,6 +66,9 @@ class Flow:
     async def events(self) -> list[Stored]:
         return await read_stream(self.nc, "ORDERS")
 
+    async def read(self, stream: str) -> list[Stored]:
+        return await read_stream(self.nc, stream)
+
     async def by_order(self) -> dict[str, list[str]]:
         """order id -> subjects of its events, in stream order."""
         out: dict[str, list[str]] = defaultdict(list)

@@ -1,0 +1,446 @@
+"""The order flow written directly on nats-py: the reference the benchmark measures orderflow against.
+
+One function per OS process, as orderflow deploys them:
+
+    python bench/bare.py FUNCTION URL CONCURRENCY     # FUNCTION: payment, stock, delivery, order
+
+It does the NATS work orderflow does for each message, and nothing more:
+
+* the same durable pull consumers (``bench/run.py`` provisions them from
+  ``streams.yaml``), fetched in batches of up to CONCURRENCY messages, each
+  message handled in its own task;
+* every event published to JetStream with a ``Nats-Msg-Id`` of
+  ``<subject>:<order id>``, the input acked only after every publish ack;
+* the same KV traffic: a direct get per key read, a compare-and-set publish
+  (``Nats-Expected-Last-Subject-Sequence``) per key written, and for a stock
+  reservation or release one atomic batch over the SKU levels and the order's
+  record, exactly as ``orderflow/kv.py`` writes them. Losing a compare-and-set
+  means reading again and deciding again.
+
+What it leaves out, because the happy path and the compensations do not need
+it: validation of incoming events (they are plain dicts), dead letters, a
+retry schedule, ``in_progress`` keep-alives, failpoints, logging. The only two
+naks are the flow's own delays: a flaky card's first attempt (200 ms, the
+first step of ``retry.backoff`` in ``streams.yaml``) and a refund that finds a
+charge still under way (500 ms, as ``functions/payment.py`` defers it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.nuid import NUID
+
+STREAM = "ORDERS"
+FETCH_TIMEOUT = 1.0  # seconds one fetch waits for messages when there are none
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # the server's err_code for a compare-and-set that lost
+
+# The simulated payment gateway's test tokens (orderflow/gateway.py).
+DECLINED_TOKEN = "tok_declined"
+FLAKY_TOKEN = "tok_flaky"
+
+Event = dict[str, Any]
+Emitted = list[tuple[str, Event]]  # (subject, body) of each event to publish
+Handler = Callable[[str, Event], Awaitable[Emitted]]
+
+
+class TryLater(Exception):
+    """Hand the message back; the server delivers it again after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"try again in {delay}s")
+        self.delay = delay
+
+
+def event(subject: str, order_id: str, **fields: Any) -> tuple[str, Event]:
+    return subject, {"type": subject, "order_id": order_id, **fields}
+
+
+# --- KV: a bucket is the stream KV_<bucket>, a key is the subject $KV.<bucket>.<key> ---
+
+
+class Bucket:
+    def __init__(self, nc: Client, name: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.name = name
+        self.nuid = NUID()
+
+    def subject(self, key: str) -> str:
+        return f"$KV.{self.name}.{key}"
+
+    async def get(self, key: str) -> tuple[Any, int]:
+        """The value and its revision (the stream sequence of its last write); (None, 0) if unset."""
+        try:
+            msg = await self.js.get_msg(f"KV_{self.name}", subject=self.subject(key), direct=True)
+        except nats.js.errors.NotFoundError:
+            return None, 0
+        assert msg.data is not None and msg.seq is not None
+        return msgspec.json.decode(msg.data), msg.seq
+
+    async def put(self, key: str, value: Any, revision: int) -> bool:
+        """Write ``key`` if its revision is still ``revision`` (0: if it does not exist yet)."""
+        return await self.put_all([(key, value, revision)])
+
+    async def put_all(self, writes: list[tuple[str, Any, int]]) -> bool:
+        """Every write or none, each checked against its revision; False if any key moved.
+
+        Several keys go as one atomic batch: every message but the last is
+        staged on the server with a plain publish, the last one carries
+        ``Nats-Batch-Commit`` and is the only one answered.
+        """
+        batch_id = self.nuid.next().decode()
+        for number, (key, value, revision) in enumerate(writes, start=1):
+            headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
+            if len(writes) > 1:
+                headers["Nats-Batch-Id"] = batch_id
+                headers["Nats-Batch-Sequence"] = str(number)
+            data = msgspec.json.encode(value)
+            if number < len(writes):
+                await self.nc.publish(self.subject(key), data, headers=headers)
+                continue
+            if len(writes) > 1:
+                headers["Nats-Batch-Commit"] = "1"
+            reply = await self.nc.request(self.subject(key), data, timeout=5.0, headers=headers)
+            error = msgspec.json.decode(reply.data).get("error")
+            if error is None:
+                return True
+            if error.get("err_code") == WRONG_LAST_SEQUENCE:
+                return False
+            raise RuntimeError(f"writing {key} to {self.name} failed: {error}")
+        raise ValueError("put_all needs at least one write")
+
+
+# --- payment: orders.created -> charge; stock.unavailable -> refund ---
+
+
+async def payment(subject: str, body: Event, payments: Bucket, gateway: Bucket) -> Emitted:
+    if subject == "orders.created":
+        return await charge(body, payments, gateway)
+    return await refund(body, payments, gateway)  # stock.unavailable
+
+
+async def charge(order: Event, payments: Bucket, gateway: Bucket) -> Emitted:
+    order_id = order["order_id"]
+    key = f"payment.{order_id}"
+    while True:
+        record, revision = await payments.get(key)
+        if record is None:
+            # Claim the order before calling the gateway, then read the claim
+            # back, whoever won it: a refund arriving first must find it.
+            total = sum(item["quantity"] * item["unit_price_cents"] for item in order["items"])
+            claim = {"status": "charging", "amount_cents": total, "charge_id": None, "reason": ""}
+            await payments.put(key, claim, 0)
+            continue
+        if record["status"] != "charging":
+            return charged_events(order_id, record)  # a redelivery: say the same again
+        outcome = await gateway_charge(
+            gateway, f"charge-{order_id}", order["payment_token"], record["amount_cents"]
+        )
+        if outcome["charge_id"] is not None:
+            record = {**record, "status": "charged", "charge_id": outcome["charge_id"]}
+        else:
+            record = {**record, "status": "declined", "reason": outcome["declined"]}
+        if await payments.put(key, record, revision):
+            return charged_events(order_id, record)
+
+
+def charged_events(order_id: str, record: Event) -> Emitted:
+    amount = record["amount_cents"]
+    if record["status"] in ("charged", "refunded"):
+        return [event("payments.succeeded", order_id, amount_cents=amount,
+                      charge_id=record["charge_id"])]  # fmt: skip
+    if record["status"] == "declined":
+        return [event("payments.failed", order_id, amount_cents=amount, reason=record["reason"])]
+    return []  # voided: stock failed first, the order is never charged
+
+
+async def refund(unavailable: Event, payments: Bucket, gateway: Bucket) -> Emitted:
+    order_id = unavailable["order_id"]
+    key = f"payment.{order_id}"
+    while True:
+        record, revision = await payments.get(key)
+        if record is None:
+            # Stock failed before we saw the order: never charge it.
+            voided = {"status": "voided", "amount_cents": 0, "charge_id": None, "reason": ""}
+            if await payments.put(key, voided, 0):
+                return [event("payments.refunded", order_id, amount_cents=0, charge_id=None)]
+            continue
+        if record["status"] == "charging":
+            raise TryLater(0.5)  # refund once the charge has an outcome
+        if record["status"] == "declined":
+            return []  # no money was taken
+        if record["status"] in ("refunded", "voided"):
+            return [event("payments.refunded", order_id, amount_cents=record["amount_cents"],
+                          charge_id=record["charge_id"])]  # fmt: skip
+        # Creating the refund record is the gateway's refund; a second one fails and changes nothing.
+        refund_record = {"charge_id": record["charge_id"], "amount_cents": record["amount_cents"]}
+        await gateway.put(f"refund.refund-{order_id}", refund_record, 0)
+        record = {**record, "status": "refunded"}
+        if await payments.put(key, record, revision):
+            return [event("payments.refunded", order_id, amount_cents=record["amount_cents"],
+                          charge_id=record["charge_id"])]  # fmt: skip
+
+
+async def gateway_charge(gateway: Bucket, idempotency_key: str, token: str, amount: int) -> Event:
+    """The simulated gateway of orderflow/gateway.py: its memory is the ``gateway`` bucket."""
+    key = f"charge.{idempotency_key}"
+    seen, _ = await gateway.get(key)
+    if seen is not None:
+        return dict(seen)
+    if token == FLAKY_TOKEN and await gateway.put(f"attempt.{idempotency_key}", {}, 0):
+        raise TryLater(0.2)  # the gateway "timed out" on the first attempt
+    record: Event = {"token": token, "amount_cents": amount, "charge_id": None, "declined": None}
+    if token == DECLINED_TOKEN:
+        record["declined"] = "card_declined"
+    else:
+        record["charge_id"] = "ch_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
+    if not await gateway.put(key, record, 0):
+        seen, _ = await gateway.get(key)  # a concurrent call won: its answer stands
+        return dict(seen)
+    return record
+
+
+# --- stock: orders.created -> reserve every item or none; payments.failed -> release ---
+
+
+async def stock(subject: str, body: Event, shelf: Bucket) -> Emitted:
+    if subject == "orders.created":
+        return await reserve(body, shelf)
+    return await release(body, shelf)  # payments.failed
+
+
+async def reserve(order: Event, shelf: Bucket) -> Emitted:
+    order_id = order["order_id"]
+    key = f"order.{order_id}"
+    wanted: dict[str, int] = {}
+    for item in order["items"]:
+        wanted[item["sku"]] = wanted.get(item["sku"], 0) + item["quantity"]
+    while True:
+        existing, _ = await shelf.get(key)
+        if existing is not None:
+            return reservation_events(order_id, existing)
+        skus = list(wanted)
+        levels = await asyncio.gather(*(shelf.get(f"level.{sku}") for sku in skus))
+        available = {sku: value["available"] if value else 0 for sku, (value, _) in zip(skus, levels)}
+        shortages = [
+            {"sku": sku, "requested": quantity, "available": available[sku]}
+            for sku, quantity in wanted.items()
+            if available[sku] < quantity
+        ]
+        if shortages:
+            record = {"status": "unavailable", "items": [], "shortages": shortages}
+            writes = [(key, record, 0)]
+        else:
+            items = [{"sku": sku, "quantity": quantity} for sku, quantity in wanted.items()]
+            record = {"status": "reserved", "items": items, "shortages": []}
+            writes = [
+                (f"level.{sku}", {"available": available[sku] - wanted[sku]}, revision)
+                for sku, (_, revision) in zip(skus, levels)
+            ]
+            writes.append((key, record, 0))
+        if await shelf.put_all(writes):
+            return reservation_events(order_id, record)
+
+
+def reservation_events(order_id: str, record: Event) -> Emitted:
+    if record["status"] in ("reserved", "released"):
+        return [event("stock.reserved", order_id, items=record["items"])]
+    if record["status"] == "unavailable":
+        return [event("stock.unavailable", order_id, shortages=record["shortages"])]
+    return []  # voided: payment failed first, nothing was reserved
+
+
+async def release(failed: Event, shelf: Bucket) -> Emitted:
+    order_id = failed["order_id"]
+    key = f"order.{order_id}"
+    while True:
+        record, revision = await shelf.get(key)
+        if record is None:
+            # Payment failed before we saw the order: never reserve for it.
+            writes = [(key, {"status": "voided", "items": [], "shortages": []}, 0)]
+        elif record["status"] == "reserved":
+            items = record["items"]
+            levels = await asyncio.gather(*(shelf.get(f"level.{i['sku']}") for i in items))
+            writes = [
+                (f"level.{i['sku']}", {"available": value["available"] + i["quantity"]}, level_rev)
+                for i, (value, level_rev) in zip(items, levels)
+            ]
+            writes.append((key, {**record, "status": "released"}, revision))
+        elif record["status"] == "unavailable":
+            return []  # nothing is held
+        else:
+            return [event("stock.released", order_id, items=record["items"])]  # said before
+        if await shelf.put_all(writes):
+            return [event("stock.released", order_id, items=writes[-1][1]["items"])]
+
+
+# --- delivery: payments.succeeded + stock.reserved, in any order -> delivery.scheduled ---
+
+
+async def delivery(subject: str, body: Event, deliveries: Bucket) -> Emitted:
+    order_id = body["order_id"]
+    key = f"join.{order_id}"
+    half = "paid" if subject == "payments.succeeded" else "reserved"
+    while True:
+        join, revision = await deliveries.get(key)
+        before = join or {"paid": False, "reserved": False}
+        after = {**before, half: True}
+        emitted = []
+        if after["paid"] and after["reserved"]:
+            tracking_id = "TRK-" + hashlib.sha256(order_id.encode()).hexdigest()[:12].upper()
+            emitted = [event("delivery.scheduled", order_id, tracking_id=tracking_id)]
+        if join is not None and after == join:
+            return emitted  # a redelivery: nothing new to remember
+        if await deliveries.put(key, after, revision):
+            return emitted
+
+
+# --- order: every outcome -> exactly one orders.completed or orders.cancelled ---
+
+NEW_ORDER = {"payment": "pending", "stock": "pending", "payment_problem": "",
+             "stock_problem": "", "tracking_id": "", "outcome": "open", "decided_by": ""}  # fmt: skip
+
+
+def observe(state: Event, subject: str, body: Event) -> Event:
+    """The order's summary after one event (the rules of functions/order.py)."""
+    state = dict(state)
+    if subject == "payments.succeeded" and state["payment"] != "refunded":
+        state["payment"] = "succeeded"
+    elif subject == "payments.failed":
+        state["payment"] = "failed"
+        state["payment_problem"] = f"payment failed: {body['reason']}"
+    elif subject == "payments.refunded":
+        state["payment"] = "refunded"
+    elif subject == "stock.reserved" and state["stock"] != "released":
+        state["stock"] = "reserved"
+    elif subject == "stock.unavailable":
+        short = ", ".join(
+            f"{s['sku']} (wanted {s['requested']}, {s['available']} left)" for s in body["shortages"]
+        )
+        state["stock"] = "unavailable"
+        state["stock_problem"] = f"out of stock: {short}"
+    elif subject == "stock.released":
+        state["stock"] = "released"
+    elif subject == "delivery.scheduled":
+        state["tracking_id"] = body["tracking_id"]
+    if state["tracking_id"]:
+        state["outcome"], state["decided_by"] = "completed", subject
+    elif state["payment"] in ("failed", "refunded") and state["stock"] in ("unavailable", "released"):
+        state["outcome"], state["decided_by"] = "cancelled", subject
+    return state
+
+
+def terminal_events(order_id: str, state: Event) -> Emitted:
+    if state["outcome"] == "completed":
+        return [event("orders.completed", order_id, tracking_id=state["tracking_id"])]
+    reason = "; ".join(p for p in (state["payment_problem"], state["stock_problem"]) if p)
+    return [event("orders.cancelled", order_id, reason=reason)]
+
+
+async def order(subject: str, body: Event, orders: Bucket) -> Emitted:
+    if subject == "orders.created":
+        return []  # orderflow reads it only to answer invalid orders; nothing to do here
+    order_id = body["order_id"]
+    key = f"order.{order_id}"
+    while True:
+        state, revision = await orders.get(key)
+        before = state or NEW_ORDER
+        if before["outcome"] != "open":
+            # Announce again only to the event that decided it (a redelivery).
+            return terminal_events(order_id, before) if before["decided_by"] == subject else []
+        after = observe(before, subject, body)
+        if after == before:
+            return []
+        if await orders.put(key, after, revision):
+            return terminal_events(order_id, after) if after["outcome"] != "open" else []
+
+
+# --- the pull loop ---
+
+
+def handler_for(function: str, nc: Client) -> Handler:
+    if function == "payment":
+        payments, gateway = Bucket(nc, "payments"), Bucket(nc, "gateway")
+        return lambda subject, body: payment(subject, body, payments, gateway)
+    if function == "stock":
+        shelf = Bucket(nc, "stock")
+        return lambda subject, body: stock(subject, body, shelf)
+    if function == "delivery":
+        deliveries = Bucket(nc, "deliveries")
+        return lambda subject, body: delivery(subject, body, deliveries)
+    if function == "order":
+        orders = Bucket(nc, "orders")
+        return lambda subject, body: order(subject, body, orders)
+    raise SystemExit(f"unknown function {function!r}: payment, stock, delivery or order")
+
+
+async def settle(js: JetStreamContext, msg: Msg, handle: Handler) -> None:
+    try:
+        emitted = await handle(msg.subject, msgspec.json.decode(msg.data))
+        await asyncio.gather(
+            *(
+                js.publish(subject, msgspec.json.encode(body),
+                           headers={"Nats-Msg-Id": f"{subject}:{body['order_id']}"})
+                for subject, body in emitted
+            )
+        )  # fmt: skip
+        await msg.ack()
+    except TryLater as later:
+        await msg.nak(delay=later.delay)
+    except Exception as exc:
+        # Left unacked, the message comes back after the consumer's ack_wait.
+        print(f"{msg.subject}: {exc!r}", file=sys.stderr)
+
+
+async def consume(nc: Client, function: str, concurrency: int, stop: asyncio.Event) -> None:
+    js = nc.jetstream()
+    handle = handler_for(function, nc)
+    sub = await js.pull_subscribe_bind(durable=function, stream=STREAM)
+    in_hand: set[asyncio.Task[None]] = set()
+    while not stop.is_set():
+        free = concurrency - len(in_hand)
+        if free == 0:
+            await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
+            continue
+        try:
+            msgs = await sub.fetch(batch=free, timeout=FETCH_TIMEOUT)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue  # nothing to do
+        for msg in msgs:
+            task = asyncio.create_task(settle(js, msg, handle))
+            in_hand.add(task)
+            task.add_done_callback(in_hand.discard)
+    if in_hand:
+        await asyncio.wait(in_hand)
+
+
+async def main(function: str, url: str, concurrency: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await nats.connect(url, name=f"bare-{function}")
+    try:
+        await consume(nc, function, concurrency, stop)
+    finally:
+        await nc.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit("usage: python bench/bare.py FUNCTION URL CONCURRENCY")
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,62 @@
+"""The context every published event carries in its headers, so the log explains itself.
+
+* ``Orderflow-Event-Id``: the event's own id, ``<subject>:<order id>``, also its
+  ``Nats-Msg-Id`` (each order emits each kind of event at most once);
+* ``Orderflow-Correlation-Id``: the order id, shared by every event of the order;
+* ``Orderflow-Causation-Id``: the id of the event that caused this one;
+* ``Orderflow-Function``: the function that emitted it;
+* ``traceparent``: W3C trace context, continued from the input.
+
+An input with no context (``nats pub``) gets an id from its place in the log,
+``<stream>:<sequence>``, and a trace id derived from its order id. Every id
+is derived, never drawn at random: replaying the same inputs yields the same
+headers, and handlers never see any of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+
+EVENT_ID = "Orderflow-Event-Id"
+CORRELATION_ID = "Orderflow-Correlation-Id"
+CAUSATION_ID = "Orderflow-Causation-Id"
+FUNCTION = "Orderflow-Function"
+TRACEPARENT = "traceparent"
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def _hex(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def input_event_id(headers: Mapping[str, str], stream: str, sequence: int) -> str:
+    """The id of a consumed message: its own, its publisher's message id, or its log position."""
+    return headers.get(EVENT_ID) or headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
+
+
+def trace_id(headers: Mapping[str, str], order_id: str) -> str:
+    match = _TRACEPARENT.match(headers.get(TRACEPARENT, ""))
+    return match[1] if match else _hex(f"trace:{order_id}", 32)
+
+
+def headers_for(
+    *,
+    event_id: str,
+    order_id: str,
+    function: str,
+    cause: Mapping[str, str],
+    cause_id: str,
+) -> dict[str, str]:
+    """Headers of an event emitted by ``function`` in answer to a message with headers ``cause``."""
+    return {
+        "Nats-Msg-Id": event_id,
+        EVENT_ID: event_id,
+        CORRELATION_ID: order_id,
+        CAUSATION_ID: cause_id,
+        FUNCTION: function,
+        # Same trace, a new span per event; sampled.
+        TRACEPARENT: f"00-{trace_id(cause, order_id)}-{_hex(event_id, 16)}-01",
+    }
