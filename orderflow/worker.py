@@ -2,9 +2,10 @@
 
 For every message, in this order:
 
-1. too large, undecodable or invalid -> dead letter at once (retrying cannot fix bytes);
-2. delivered more often than the function allows -> dead letter (the processes
+1. delivered more often than the function allows -> dead letter (the processes
    handling it kept dying: a poison message must not crash-loop forever);
+2. too large, undecodable or invalid -> dead letter at once (retrying cannot
+   fix bytes), and an ``orders.rejected`` where the function answers those;
 3. call the handler with the decoded Struct;
 4. publish what it returned, each event with a deterministic ``Nats-Msg-Id``
    (``<subject>:<order id>``) and its context headers (``orderflow.context``),
@@ -35,10 +36,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent, Retry
-from functions.events import EVENT_TYPES, AnyOrderId, Event, OrderRejected, subject_of
+from functions.events import Event, OrderRejected, subject_of
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_for, input_event_id
 from orderflow.deadletter import DeadLetters
+from orderflow.decoding import Invalid, decode, readable_order_id
 from orderflow.failpoints import crash_point
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
@@ -62,9 +64,7 @@ log = logging.getLogger("orderflow.worker")
 #: waits for an idle loop to notice it.
 FETCH_TIMEOUT = 1.0
 
-_decoders = {subject: msgspec.json.Decoder(cls) for subject, cls in EVENT_TYPES.items()}
 _encoder = msgspec.json.Encoder()
-_order_id_decoder = msgspec.json.Decoder(AnyOrderId)
 
 
 def message_id(event: Event) -> str:
@@ -148,22 +148,12 @@ class Worker:
             )
             await self.dead_letters.add(msg, reason)
             return
-        if len(msg.data) > self.max_payload:
-            reason = f"payload of {len(msg.data)} bytes exceeds max_payload {self.max_payload}"
-            await self._reject(msg, reason)
-            return
-        decoder = _decoders.get(msg.subject)
-        if decoder is None:
-            await self.dead_letters.add(msg, f"no event type is published on {msg.subject}")
-            return
-        try:
-            event: Event = decoder.decode(msg.data)
-        except msgspec.ValidationError as exc:
-            await self._reject(msg, f"invalid {msg.subject}: {exc}")
-            return
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
-            await self._reject(msg, f"{msg.subject} is not valid JSON: {exc}")
+        event = decode(msg.subject, msg.data, self.max_payload)
+        if isinstance(event, Invalid):
+            if event.rejectable:
+                await self._reject(msg, event.reason)
+            else:
+                await self.dead_letters.add(msg, event.reason)
             return
         try:
             emitted = await self._keeping_alive(msg, consumer, self.handler(event))
@@ -194,7 +184,7 @@ class Worker:
     async def _reject(self, msg: Msg, reason: str) -> None:
         """Dead-letter an input that can never be handled; tell its publisher when we can."""
         if msg.subject in self.spec.reject_invalid:
-            order_id = _readable_order_id(msg.data)
+            order_id = readable_order_id(msg.data)
             if order_id is not None:
                 meta = msg.metadata
                 rejection = OrderRejected(order_id, reason=reason[:500])
@@ -297,13 +287,6 @@ async def _hand_back_late_arrivals(sub: Any) -> None:
         msg = queue.get_nowait()
         if msg.reply and msg.reply.startswith("$JS.ACK."):
             await msg.nak()
-
-
-def _readable_order_id(data: bytes) -> str | None:
-    try:
-        return _order_id_decoder.decode(data).order_id
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
