@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from nats.aio.client import Client
-
 from functions import delivery, order, payment, stock
 from functions.events import Event
 from functions.state import Store
 from orderflow.config import ConfigError, Topology
 from orderflow.gateway import SimulatedGateway
-from orderflow.kv import KvStore
 from orderflow.worker import Handler
 
 Buckets = Callable[[str], Store]
@@ -47,7 +44,11 @@ BINDINGS: dict[str, Callable[[Buckets], Handler]] = {
 }
 
 
-def build_handler(nc: Client, topology: Topology, function: str) -> Handler:
+def build_handler(topology: Topology, function: str, store_for: Buckets) -> Handler:
+    """The handler of ``function``, its state in the buckets ``store_for`` opens.
+
+    The runner opens KV buckets (``KvStore``); the offline replayer, memory.
+    """
     if function not in BINDINGS:
         raise ConfigError(
             f"functions.{function}: no handler is bound to this name (known: {', '.join(BINDINGS)})"
@@ -60,6 +61,6 @@ def build_handler(nc: Client, topology: Topology, function: str) -> Handler:
                 f"functions.{function}.buckets: the handler needs bucket {name!r}, "
                 f"which is not declared (declared: {', '.join(sorted(allowed)) or 'none'})"
             )
-        return KvStore(nc, name)
+        return store_for(name)
 
     return BINDINGS[function](buckets)

@@ -136,6 +136,54 @@ def cmd_dlq(args: argparse.Namespace, topology: Topology) -> int:
     return asyncio.run(_dlq(args, topology))
 
 
+async def _record(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from orderflow.recording import record
+
+    since = datetime.fromisoformat(args.since) if args.since else None
+    nc = await connect(server_url(), name="orderflow-record")
+    try:
+        count = await record(
+            nc,
+            args.stream,
+            args.file,
+            subjects=args.subjects.split(",") if args.subjects else None,
+            since=since,
+            from_seq=args.from_seq,
+            progress=sys.stderr.isatty(),
+        )
+    finally:
+        await nc.close()
+    print(f"recorded {count} messages of {args.stream} to {args.file}", file=sys.stderr)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace, topology: Topology) -> int:
+    return asyncio.run(_record(args))
+
+
+def cmd_replay(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import recording, replay
+
+    records = recording.read(args.file)
+    if args.offline:
+        result = asyncio.run(replay.replay_offline(records, topology, args.config.parent))
+    else:
+        result = asyncio.run(
+            replay.replay_live(
+                records,
+                topology,
+                args.config,
+                into=args.into,
+                original_speed=args.speed == "original",
+                timeout=args.timeout,
+            )
+        )
+    print(result.render())
+    return 0 if result.ok else 1
+
+
 async def _until_signalled(supervisor: object) -> None:
     from orderflow.supervisor import Supervisor
 
@@ -236,6 +284,21 @@ def parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("ids", type=int, nargs="*", metavar="ID")
     dlq_redrive.add_argument("--all", action="store_true")
 
+    rec = sub.add_parser("record", help="write a stream's messages to JSON Lines")
+    rec.add_argument("file", type=Path)
+    rec.add_argument("--stream", default="ORDERS")
+    rec.add_argument("--subjects", help="comma-separated filter, e.g. orders.created,orders.>")
+    start = rec.add_mutually_exclusive_group()
+    start.add_argument("--since", help="ISO time, e.g. 2026-11-26T05:00:00+00:00")
+    start.add_argument("--from-seq", type=int, default=1)
+
+    rep = sub.add_parser("replay", help="replay a recording's inputs and compare the outputs")
+    rep.add_argument("file", type=Path)
+    rep.add_argument("--offline", action="store_true", help="handlers in-process, no server")
+    rep.add_argument("--into", metavar="NATS_URL", help="a fresh server to replay into")
+    rep.add_argument("--speed", choices=["max", "original"], default="max")
+    rep.add_argument("--timeout", type=float, default=120.0)
+
     for name, text in (
         ("up", "start a server (unless NATS_URL) and every function"),
         ("demo", "up, publish orders, wait for every outcome, summarise"),
@@ -257,6 +320,8 @@ COMMANDS = {
     "up": cmd_up,
     "demo": cmd_demo,
     "dlq": cmd_dlq,
+    "record": cmd_record,
+    "replay": cmd_replay,
 }
 
 

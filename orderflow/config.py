@@ -119,7 +119,7 @@ class ConfigError(Exception):
     pass
 
 
-def _subject_matches(pattern: str, subject: str) -> bool:
+def subject_matches(pattern: str, subject: str) -> bool:
     """NATS wildcard match: ``*`` one token, ``>`` the rest."""
     p, s = pattern.split("."), subject.split(".")
     for i, token in enumerate(p):
@@ -143,7 +143,7 @@ def _check(topology: Topology) -> None:
                     f"(streams: {', '.join(streams)})"
                 )
             for subject in consumer.filter_subjects:
-                if not any(_subject_matches(p, subject) for p in stream.subjects):
+                if not any(subject_matches(p, subject) for p in stream.subjects):
                     raise ConfigError(
                         f"{where}.filter_subjects: {subject!r} is not stored by stream "
                         f"{stream.name} (subjects: {', '.join(stream.subjects)})"
@@ -160,7 +160,7 @@ def _check(topology: Topology) -> None:
                 raise ConfigError(f"functions.{name}.buckets: no bucket named {bucket!r}")
     for name, fn in topology.functions.items():
         for subject in fn.emits:
-            if not any(_subject_matches(p, subject) for s in streams.values() for p in s.subjects):
+            if not any(subject_matches(p, subject) for s in streams.values() for p in s.subjects):
                 raise ConfigError(f"functions.{name}.emits: no stream stores {subject!r}")
     if topology.retry_log and topology.retry_log.stream not in streams:
         raise ConfigError(f"retry_log.stream: no stream named {topology.retry_log.stream!r}")

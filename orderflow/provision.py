@@ -26,7 +26,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from functions.state import Write
+from functions.state import Store, Write
 from functions.stock import Level, level_key
 from orderflow.config import (
     BucketSpec,
@@ -161,14 +161,19 @@ async def ensure_consumers(nc: Client, topology: Topology, function: str, report
         await ensure_consumer(js, spec.stream, consumer_config(spec), report)
 
 
-async def seed_inventory(nc: Client, topology: Topology, base: Path, report: Report) -> None:
-    if topology.inventory is None:
-        return
-    store = KvStore(nc, topology.inventory.bucket)
-    stock = load_inventory(base / topology.inventory.file)
+async def seed_levels(store: Store, stock: dict[str, int]) -> int:
+    """Create each SKU's level where it has none; returns how many were created."""
     seeded = 0
     for sku, units in stock.items():
         seeded += await store.commit(Write(level_key(sku), Level(units), 0))
+    return seeded
+
+
+async def seed_inventory(nc: Client, topology: Topology, base: Path, report: Report) -> None:
+    if topology.inventory is None:
+        return
+    stock = load_inventory(base / topology.inventory.file)
+    seeded = await seed_levels(KvStore(nc, topology.inventory.bucket), stock)
     report.say(
         f"inventory: {seeded} SKUs seeded, {len(stock) - seeded} already had a level "
         f"(from {topology.inventory.file})"

@@ -16,6 +16,7 @@ import signal
 from orderflow.bindings import build_handler
 from orderflow.config import Topology
 from orderflow.connect import connect
+from orderflow.kv import KvStore
 from orderflow.provision import Report, ensure_consumers
 from orderflow.worker import Worker
 
@@ -37,7 +38,7 @@ async def serve(
         await ensure_consumers(nc, topology, function, report)
         for line in report.lines:
             log.info("%s: %s", function, line)
-        handler = build_handler(nc, topology, function)
+        handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
         log.info("%s: consuming (pid %d)", function, os.getpid())
         await Worker(nc, topology, function, handler).run(stop)
         log.info("%s: stopping: in-flight messages settled", function)

@@ -8,6 +8,7 @@ notice. Tests use it to check what the flow really stored.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -37,13 +38,17 @@ async def read_stream(
     stream: str,
     subjects: list[str] | None = None,
     from_seq: int = 1,
+    since: datetime | None = None,
     batch: int = 1000,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Stored]:
+    """Every message of ``stream`` (from ``from_seq``, or stored at or after ``since``)."""
     js = nc.jetstream()
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=max(from_seq, 1),
+        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=None if since else max(from_seq, 1),
+        opt_start_time=since,
         filter_subjects=subjects or None,
         inactive_threshold=30.0,
     )
@@ -62,6 +67,8 @@ async def read_stream(
                     msg.subject, msg.data, headers, meta.sequence.stream, meta.timestamp
                 )
                 out.append(stored)
+            if on_batch is not None:
+                on_batch(len(out))
             if msgs and msgs[-1].metadata.num_pending == 0:
                 break
     finally:

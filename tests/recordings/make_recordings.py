@@ -1,0 +1,89 @@
+"""Make the recordings in this folder: each scenario on a fresh server, recorded with `record`.
+
+    python tests/recordings/make_recordings.py
+
+Each scenario gets its own embedded nats-server, every function as its own
+process, orders published as plain core messages (like `nats pub`), a wait
+until everything is settled, then `runner.py record` writes the ORDERS stream
+here. Rerun it after a deliberate change of behaviour, and review the diff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from functions.events import OrderCreated, OrderItem
+from orderflow import config
+from orderflow.connect import connect
+from orderflow.demo import make_orders, payload
+from orderflow.provision import provision
+from orderflow.replay import wait_until_quiet
+from orderflow.server import EmbeddedServer
+from orderflow.supervisor import Supervisor
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+def order(order_id: str, token: str = "tok_visa", **skus: int) -> OrderCreated:
+    items = [
+        OrderItem(sku.replace("_", "-"), n, 1500) for sku, n in (skus or {"BOOK_42": 2}).items()
+    ]
+    return OrderCreated(order_id, customer_id="c-7", items=items, payment_token=token)
+
+
+SCENARIOS: dict[str, list[bytes]] = {
+    "happy": [payload(order("rec-happy"))],
+    "declined": [payload(order("rec-declined", token="tok_declined"))],
+    "flaky": [payload(order("rec-flaky", token="tok_flaky"))],
+    "out_of_stock": [payload(order("rec-oos", BOOK_42=1, SOLD_OUT_1=1))],
+    "both_failures": [payload(order("rec-both", token="tok_declined", SOLD_OUT_1=2))],
+    "rejected": [
+        b'{"order_id":"rec-bad","customer_id":"c-7","payment_token":"tok_visa",'
+        b'"items":[{"sku":"BOOK-42","quantity":0,"unit_price_cents":1500}]}'
+    ],
+    "mixed_300": [payload(o) for _, o in make_orders(300, run_id="rec-mix", seed=300)],
+}
+
+
+async def make(name: str, payloads: list[bytes]) -> None:
+    topology = config.load(ROOT / "streams.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedServer(Path(tmp) / "nats")
+        server.start()
+        counts = dict.fromkeys(topology.functions, 1)
+        supervisor = Supervisor(server.url, ROOT / "streams.yaml", counts, log_dir=Path(tmp))
+        nc = await connect(server.url, name="make-recordings")
+        try:
+            await provision(nc, topology, ROOT)
+            supervisor.start()
+            for data in payloads:
+                await nc.publish("orders.created", data)
+            await nc.flush()
+            await asyncio.sleep(0.5)
+            await wait_until_quiet(nc, topology, timeout=120)
+            await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, str(ROOT / "runner.py"), "record", str(HERE / f"{name}.jsonl")],
+                env={**os.environ, "NATS_URL": server.url},
+                cwd=ROOT,
+                check=True,
+            )
+        finally:
+            await nc.close()
+            supervisor.stop()
+            server.stop()
+
+
+async def main() -> None:
+    for name, payloads in SCENARIOS.items():
+        await make(name, payloads)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
