@@ -163,6 +163,75 @@ def cmd_record(args: argparse.Namespace, topology: Topology) -> int:
     return asyncio.run(_record(args))
 
 
+async def _trace(args: argparse.Namespace, topology: Topology) -> int:
+    from datetime import UTC, datetime
+
+    from orderflow import trace
+
+    nc = await connect(server_url(), name="orderflow-trace")
+    try:
+        traces = await trace.load(nc, topology, {args.order_id})
+    finally:
+        await nc.close()
+    found = traces.get(args.order_id)
+    if found is None:
+        print(f"no events for order {args.order_id!r} in the log", file=sys.stderr)
+        return 1
+    now = datetime.now(UTC)
+    if args.json:
+        print(json.dumps(trace.as_json(found, now), default=str))
+    elif args.mermaid:
+        print(trace.mermaid_sequence(found, topology))
+    else:
+        print(trace.render(found, now))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace, topology: Topology) -> int:
+    return asyncio.run(_trace(args, topology))
+
+
+async def _stuck(args: argparse.Namespace, topology: Topology) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from orderflow import trace
+    from orderflow.config import seconds
+
+    nc = await connect(server_url(), name="orderflow-stuck")
+    try:
+        traces = await trace.load(nc, topology)
+    finally:
+        await nc.close()
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=seconds(args.older_than))
+    stuck = [t for t in traces.values() if not t.outcome and t.steps[0].time <= cutoff]
+    stuck.sort(key=lambda t: t.steps[0].time)
+    if args.json:
+        print(json.dumps([trace.as_json(t, now) for t in stuck], default=str))
+        return 0
+    if not stuck:
+        print(f"no unfinished order older than {args.older_than}")
+        return 0
+    print(f"{'ORDER':<28} {'AGE':>8}  WAITING FOR")
+    for t in stuck:
+        age = f"{(now - t.steps[0].time).total_seconds():.0f}s"
+        owed = "; ".join(f"{o.function}: {o.what}" for o in t.owed)
+        print(f"{t.order_id:<28} {age:>8}  {owed}")
+    print(f"\n{len(stuck)} unfinished orders older than {args.older_than}")
+    return 0
+
+
+def cmd_stuck(args: argparse.Namespace, topology: Topology) -> int:
+    return asyncio.run(_stuck(args, topology))
+
+
+def cmd_map(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow.trace import mermaid_map
+
+    print(mermaid_map(topology))
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import recording, replay
 
@@ -284,6 +353,18 @@ def parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("ids", type=int, nargs="*", metavar="ID")
     dlq_redrive.add_argument("--all", action="store_true")
 
+    tr = sub.add_parser("trace", help="an order's causal timeline, and who owes the next step")
+    tr.add_argument("order_id")
+    how = tr.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true")
+    how.add_argument("--mermaid", action="store_true", help="a Mermaid sequence diagram")
+
+    st = sub.add_parser("stuck", help="unfinished orders older than a duration")
+    st.add_argument("--older-than", default="30s", metavar="DURATION", help="e.g. 30s, 5m")
+    st.add_argument("--json", action="store_true")
+
+    sub.add_parser("map", help="the topology as a Mermaid flowchart")
+
     rec = sub.add_parser("record", help="write a stream's messages to JSON Lines")
     rec.add_argument("file", type=Path)
     rec.add_argument("--stream", default="ORDERS")
@@ -321,6 +402,9 @@ COMMANDS = {
     "demo": cmd_demo,
     "dlq": cmd_dlq,
     "record": cmd_record,
+    "trace": cmd_trace,
+    "stuck": cmd_stuck,
+    "map": cmd_map,
     "replay": cmd_replay,
 }
 

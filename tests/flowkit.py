@@ -16,6 +16,7 @@ from orderflow.config import Topology, load_inventory
 from orderflow.demo import payload
 from orderflow.dlq import DeadLetter, dead_letters
 from orderflow.kv import KvStore
+from orderflow.replay import wait_until_quiet
 from orderflow.server import EmbeddedServer
 from orderflow.streamlog import Stored, read_stream
 from orderflow.supervisor import Supervisor
@@ -103,20 +104,7 @@ class Flow:
         A terminal event can be out while a redelivery (after a crash) is still
         due: effects are only final once every input has been acked.
         """
-        js = self.nc.jetstream()
-        deadline = time.monotonic() + timeout
-        while True:
-            busy = {}
-            for name, fn in self.topology.functions.items():
-                for consumer in fn.consumers:
-                    info = await js.consumer_info(consumer.stream, consumer.durable)
-                    if info.num_pending or info.num_ack_pending:
-                        busy[name] = (info.num_pending, info.num_ack_pending)
-            if not busy:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"consumers still busy after {timeout}s: {busy}")
-            await asyncio.sleep(0.2)
+        await wait_until_quiet(self.nc, self.topology, timeout=timeout)
 
     async def levels(self) -> dict[str, int]:
         store = KvStore(self.nc, "stock")
