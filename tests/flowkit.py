@@ -104,7 +104,7 @@ class Flow:
         A terminal event can be out while a redelivery (after a crash) is still
         due: effects are only final once every input has been acked.
         """
-        await wait_until_quiet(self.nc, self.topology, timeout=timeout)
+        await wait_until_quiet(self.nc, self.topology, timeout=timeout, settle=0.2)
 
     async def levels(self) -> dict[str, int]:
         store = KvStore(self.nc, "stock")
