@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orderflow import config as config_mod
+from orderflow import logs
 from orderflow.config import ConfigError, Topology
 from orderflow.connect import DEFAULT_URL, connect, url_from_env
 from orderflow.server import EmbeddedServer, port_is_free
@@ -225,6 +226,33 @@ def cmd_stuck(args: argparse.Namespace, topology: Topology) -> int:
     return asyncio.run(_stuck(args, topology))
 
 
+async def _status(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import status
+
+    nc = await connect(server_url(), name="orderflow-status")
+    try:
+        while True:
+            current = await status.collect(nc, topology)
+            if args.json:
+                print(json.dumps(current), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\x1b[2J\x1b[H", end="")  # clear the screen, cursor home
+                print(status.render(current), flush=True)
+            if not args.watch:
+                return 0
+            await asyncio.sleep(args.every)
+    finally:
+        await nc.close()
+
+
+def cmd_status(args: argparse.Namespace, topology: Topology) -> int:
+    try:
+        return asyncio.run(_status(args, topology))
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_map(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow.trace import mermaid_map
 
@@ -336,6 +364,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runner.py", description=__doc__)
     p.add_argument("--config", type=Path, default=Path("streams.yaml"), help="topology file")
     p.add_argument("--log-level", default=os.environ.get("ORDERFLOW_LOG_LEVEL", "WARNING"))
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("ORDERFLOW_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, for log shippers",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("provision", help="create or update streams, consumers and buckets (NATS_URL)")
@@ -364,6 +398,11 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
 
     sub.add_parser("map", help="the topology as a Mermaid flowchart")
+
+    stat = sub.add_parser("status", help="instances, counters, backlog, dead letters, streams")
+    stat.add_argument("--json", action="store_true")
+    stat.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    stat.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
 
     rec = sub.add_parser("record", help="write a stream's messages to JSON Lines")
     rec.add_argument("file", type=Path)
@@ -405,17 +444,16 @@ COMMANDS = {
     "trace": cmd_trace,
     "stuck": cmd_stuck,
     "map": cmd_map,
+    "status": cmd_status,
     "replay": cmd_replay,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(args.log_level, args.log_format)
+    # Function processes started by up/demo log the same way.
+    os.environ["ORDERFLOW_LOG_FORMAT"] = args.log_format
     try:
         topology = config_mod.load(args.config)
         return COMMANDS[args.command](args, topology)

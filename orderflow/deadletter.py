@@ -16,6 +16,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from orderflow.config import DeadLetterSpec
+from orderflow.context import input_event_id
+from orderflow.decoding import readable_order_id
+from orderflow.logs import fields
 
 log = logging.getLogger("orderflow.deadletter")
 
@@ -61,4 +64,6 @@ class DeadLetters:
         log.warning(
             "%s: dead-lettered %s (stream %s seq %d): %s",
             self.function, msg.subject, meta.stream, meta.sequence.stream, reason,
+            extra=fields(self.function, msg.subject, readable_order_id(msg.data),
+                         input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)),
         )  # fmt: skip

@@ -17,6 +17,7 @@ from orderflow.bindings import build_handler
 from orderflow.config import Topology
 from orderflow.connect import connect
 from orderflow.kv import KvStore
+from orderflow.metrics import register
 from orderflow.provision import Report, ensure_consumers
 from orderflow.worker import Worker
 
@@ -39,8 +40,11 @@ async def serve(
         for line in report.lines:
             log.info("%s: %s", function, line)
         handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
-        log.info("%s: consuming (pid %d)", function, os.getpid())
-        await Worker(nc, topology, function, handler).run(stop)
+        worker = Worker(nc, topology, function, handler)
+        service = await register(nc, function, worker.counters)
+        log.info("%s: consuming (pid %d, service %s)", function, os.getpid(), service.id)
+        await worker.run(stop)
+        await service.stop()
         log.info("%s: stopping: in-flight messages settled", function)
     finally:
         # close(), not drain(): after a timed-out fetch drain can block for its

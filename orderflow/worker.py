@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_fo
 from orderflow.deadletter import DeadLetters
 from orderflow.decoding import Invalid, decode, readable_order_id
 from orderflow.failpoints import crash_point
+from orderflow.logs import fields
+from orderflow.metrics import Counters
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
 
@@ -82,6 +85,7 @@ class Worker:
         self.dead_letters = DeadLetters(nc, topology.dead_letters, function)
         self.max_payload = topology.dead_letters.max_payload
         self.retry_log = topology.retry_log
+        self.counters = Counters()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume every binding until ``stop`` is set, then finish what is in hand."""
@@ -146,40 +150,60 @@ class Worker:
             reason = (
                 f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
             )
-            await self.dead_letters.add(msg, reason)
+            await self._dead_letter(msg, reason)
             return
         event = decode(msg.subject, msg.data, self.max_payload)
         if isinstance(event, Invalid):
             if event.rejectable:
                 await self._reject(msg, event.reason)
             else:
-                await self.dead_letters.add(msg, event.reason)
+                await self._dead_letter(msg, event.reason)
             return
+        meta = msg.metadata
+        event_id = input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)
+        context = fields(self.name, msg.subject, event.order_id, event_id)
+        started = time.perf_counter_ns()
         try:
             emitted = await self._keeping_alive(msg, consumer, self.handler(event))
             crash_point("after-handle", self.name, event.order_id, msg.subject)
             await self._publish(emitted, cause=msg)
             crash_point("after-publish", self.name, event.order_id, msg.subject)
         except Permanent as exc:
-            await self.dead_letters.add(msg, f"permanent failure: {exc}")
+            self._failed(exc)
+            await self._dead_letter(msg, f"permanent failure: {exc}")
             return
         except Exception as exc:
+            self._failed(exc)
             if attempt >= consumer.max_deliver:
                 reason = f"failed {attempt} attempts; last error: {type(exc).__name__}: {exc}"
-                await self.dead_letters.add(msg, reason)
+                await self._dead_letter(msg, reason)
                 return
             delay = exc.defer if isinstance(exc, Retry) and exc.defer is not None else None
             delay = self.spec.retry.delay(attempt) if delay is None else delay
             log.warning(
                 "%s: %s for order %s failed (attempt %d), retrying in %.2fs: %s: %s",
                 self.name, msg.subject, event.order_id, attempt, delay, type(exc).__name__, exc,
+                extra=context,
             )  # fmt: skip
             await msg.nak(delay=delay)
+            self.counters.retried += 1
             await self._note_retry(msg, event, delay, exc)
             return
         await msg.ack()
-        log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
-                  [subject_of(type(e)) for e in emitted])  # fmt: skip
+        self.counters.processed += 1
+        self.counters.processing_ns += time.perf_counter_ns() - started
+        if log.isEnabledFor(logging.DEBUG):
+            outputs = ", ".join(subject_of(type(e)) for e in emitted) or "nothing"
+            log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
+                      outputs, extra=context)  # fmt: skip
+
+    def _failed(self, exc: Exception) -> None:
+        self.counters.failed += 1
+        self.counters.last_error = f"{type(exc).__name__}: {exc}"[:500]
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        await self.dead_letters.add(msg, reason)
+        self.counters.dead_lettered += 1
 
     async def _reject(self, msg: Msg, reason: str) -> None:
         """Dead-letter an input that can never be handled; tell its publisher when we can."""
@@ -195,7 +219,7 @@ class Worker:
                     _encoder.encode(rejection),
                     headers=self._context(event_id, rejection, msg),
                 )
-        await self.dead_letters.add(msg, reason)
+        await self._dead_letter(msg, reason)
 
     async def _keeping_alive(
         self, msg: Msg, consumer: ConsumerSpec, work: Awaitable[Sequence[Event]]

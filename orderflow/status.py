@@ -1,0 +1,89 @@
+"""``status``: the running system at a glance, from NATS itself.
+
+Instances and their counters come from the NATS micro protocol (every
+function process answers ``$SRV.STATS.orderflow-<name>``, see
+``orderflow.metrics``); backlog and redeliveries from the consumers; dead
+letters from the dead-letter stream; sizes from the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from orderflow.config import Topology
+from orderflow.kv import stream_name
+
+COUNTERS = ("processed", "failed", "retried", "dead_lettered")
+
+
+async def ask_all(nc: Client, subject: str, wait: float = 0.3) -> list[dict[str, Any]]:
+    """Every answer to ``subject`` within ``wait`` seconds (micro discovery is scatter-gather)."""
+    answers: list[dict[str, Any]] = []
+
+    async def collect(msg: Msg) -> None:
+        answers.append(json.loads(msg.data))
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
+    await nc.publish(subject, b"", reply=inbox)
+    await asyncio.sleep(wait)
+    await sub.unsubscribe()
+    return answers
+
+
+async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
+    js = nc.jetstream()
+    functions: dict[str, Any] = {}
+    for name, fn in topology.functions.items():
+        stats = await ask_all(nc, f"$SRV.STATS.orderflow-{name}")
+        row: dict[str, Any] = {"instances": len(stats), **dict.fromkeys(COUNTERS, 0)}
+        row["last_error"] = None
+        for answer in stats:
+            for endpoint in answer.get("endpoints", []):
+                data = endpoint.get("data") or {}
+                for key in COUNTERS:
+                    row[key] += int(data.get(key, 0))
+                row["last_error"] = data.get("last_error") or row["last_error"]
+        row.update(pending=0, unacked=0, redelivered=0)
+        for consumer in fn.consumers:
+            info = await js.consumer_info(consumer.stream, consumer.durable)
+            row["pending"] += info.num_pending or 0
+            row["unacked"] += info.num_ack_pending or 0
+            row["redelivered"] += info.num_redelivered or 0
+        dlq = topology.dead_letters
+        subject = f"{dlq.subject_prefix}.{name}"
+        info = await js.stream_info(dlq.stream, subjects_filter=subject)
+        row["dead_letters"] = (info.state.subjects or {}).get(subject, 0)
+        functions[name] = row
+    streams = {}
+    names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]
+    for stream in names:
+        state = (await js.stream_info(stream)).state
+        streams[stream] = {"messages": state.messages, "bytes": state.bytes}
+    return {"functions": functions, "streams": streams}
+
+
+def render(status: dict[str, Any]) -> str:
+    head = ("FUNCTION", "INST", "PROCESSED", "FAILED", "RETRIED", "PENDING", "UNACKED",
+            "REDELIV", "DEAD", "LAST ERROR")  # fmt: skip
+    rows = [head]
+    for name, r in status["functions"].items():
+        rows.append(
+            (name, str(r["instances"]), f"{r['processed']:,}", f"{r['failed']:,}",
+             f"{r['retried']:,}", f"{r['pending']:,}", f"{r['unacked']:,}",
+             f"{r['redelivered']:,}", f"{r['dead_letters']:,}", (r["last_error"] or "")[:60])
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.append("")
+    lines.append(f"{'STREAM':<20} {'MESSAGES':>10} {'BYTES':>14}")
+    for stream, s in status["streams"].items():
+        lines.append(f"{stream:<20} {s['messages']:>10,} {s['bytes']:>14,}")
+    return "\n".join(lines)
