@@ -275,6 +275,7 @@ def cmd_replay(args: argparse.Namespace, topology: Topology) -> int:
                 into=args.into,
                 original_speed=args.speed == "original",
                 timeout=args.timeout,
+                progress=sys.stderr.isatty(),
             )
         )
     print(result.render())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import sys
 import tempfile
 import time
 from collections import defaultdict, deque
@@ -218,6 +219,7 @@ async def replay_live(
     into: str | None = None,
     original_speed: bool = False,
     timeout: float = 120.0,
+    progress: bool = False,
 ) -> Comparison:
     from orderflow.connect import connect
     from orderflow.supervisor import Supervisor
@@ -238,7 +240,9 @@ async def replay_live(
             stop = asyncio.Event()
             watcher = asyncio.create_task(supervisor.watch(stop))
             first_seq = (await nc.jetstream().stream_info("ORDERS")).state.last_seq + 1
-            await _publish(nc, inputs, original_speed)
+            await _publish(nc, inputs, original_speed, progress)
+            if progress:
+                print("  waiting for the functions to settle...", file=sys.stderr)
             await wait_until_quiet(nc, topology, timeout=timeout)
             stored = await read_stream(nc, "ORDERS", from_seq=first_seq)
             stop.set()
@@ -252,11 +256,17 @@ async def replay_live(
     return compare(recorded_outcomes(records), replayed)
 
 
-async def _publish(nc: Client, inputs: list[Recorded], original_speed: bool) -> None:
+async def _publish(
+    nc: Client, inputs: list[Recorded], original_speed: bool, progress: bool
+) -> None:
     js = nc.jetstream()
     start = time.monotonic()
     origin = inputs[0].timestamp if inputs else 0.0
-    for record in inputs:
+    for done, record in enumerate(inputs, start=1):
         if original_speed:
             await asyncio.sleep(max(0.0, record.timestamp - origin - (time.monotonic() - start)))
         await js.publish(record.subject, record.data, headers=record.headers or None)
+        if progress and (done % 50 == 0 or done == len(inputs)):
+            print(f"\r  published {done}/{len(inputs)} inputs", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
