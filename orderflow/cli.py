@@ -11,9 +11,11 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+
+from nats.aio.client import Client
 
 from orderflow import config as config_mod
 from orderflow import logs
@@ -53,6 +55,16 @@ def nats_server(data_dir: Path) -> Iterator[str]:
         server.stop()
 
 
+@asynccontextmanager
+async def connected(name: str, url: str | None = None) -> AsyncIterator[Client]:
+    """A connection for one command, closed when it is done."""
+    nc = await connect(url or server_url(), name=f"orderflow-{name}")
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
 def server_url(data_dir: Path = DATA_DIR) -> str:
     """``NATS_URL``, else the embedded server of a running ``up``, else the default."""
     url_file = data_dir / URL_FILE
@@ -77,11 +89,8 @@ def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
 async def _provision(url: str, topology: Topology, base: Path) -> list[str]:
     from orderflow.provision import provision
 
-    nc = await connect(url, name="orderflow-provision")
-    try:
+    async with connected("provision", url) as nc:
         return (await provision(nc, topology, base)).lines
-    finally:
-        await nc.close()
 
 
 def cmd_provision(args: argparse.Namespace, topology: Topology) -> int:
@@ -104,8 +113,7 @@ def cmd_run(args: argparse.Namespace, topology: Topology) -> int:
 async def _dlq(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import dlq
 
-    nc = await connect(server_url(), name="orderflow-dlq")
-    try:
+    async with connected("dlq") as nc:
         letters = await dlq.dead_letters(nc, topology)
         if args.action == "list":
             if args.json:
@@ -129,8 +137,6 @@ async def _dlq(args: argparse.Namespace, topology: Topology) -> int:
         for line in await dlq.redrive(nc, topology, chosen):
             print(line)
         return 0
-    finally:
-        await nc.close()
 
 
 def cmd_dlq(args: argparse.Namespace, topology: Topology) -> int:
@@ -143,8 +149,7 @@ async def _record(args: argparse.Namespace) -> int:
     from orderflow.recording import record
 
     since = datetime.fromisoformat(args.since) if args.since else None
-    nc = await connect(server_url(), name="orderflow-record")
-    try:
+    async with connected("record") as nc:
         count = await record(
             nc,
             args.stream,
@@ -154,8 +159,6 @@ async def _record(args: argparse.Namespace) -> int:
             from_seq=args.from_seq,
             progress=sys.stderr.isatty(),
         )
-    finally:
-        await nc.close()
     print(f"recorded {count} messages of {args.stream} to {args.file}", file=sys.stderr)
     return 0
 
@@ -169,11 +172,8 @@ async def _trace(args: argparse.Namespace, topology: Topology) -> int:
 
     from orderflow import trace
 
-    nc = await connect(server_url(), name="orderflow-trace")
-    try:
+    async with connected("trace") as nc:
         traces = await trace.load(nc, topology, {args.order_id})
-    finally:
-        await nc.close()
     found = traces.get(args.order_id)
     if found is None:
         print(f"no events for order {args.order_id!r} in the log", file=sys.stderr)
@@ -198,11 +198,8 @@ async def _stuck(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import trace
     from orderflow.config import seconds
 
-    nc = await connect(server_url(), name="orderflow-stuck")
-    try:
+    async with connected("stuck") as nc:
         traces = await trace.load(nc, topology)
-    finally:
-        await nc.close()
     now = datetime.now(UTC)
     cutoff = now - timedelta(seconds=seconds(args.older_than))
     stuck = [t for t in traces.values() if not t.outcome and t.steps[0].time <= cutoff]
@@ -229,8 +226,7 @@ def cmd_stuck(args: argparse.Namespace, topology: Topology) -> int:
 async def _status(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import status
 
-    nc = await connect(server_url(), name="orderflow-status")
-    try:
+    async with connected("status") as nc:
         while True:
             current = await status.collect(nc, topology)
             if args.json:
@@ -242,8 +238,6 @@ async def _status(args: argparse.Namespace, topology: Topology) -> int:
             if not args.watch:
                 return 0
             await asyncio.sleep(args.every)
-    finally:
-        await nc.close()
 
 
 def cmd_status(args: argparse.Namespace, topology: Topology) -> int:
