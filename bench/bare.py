@@ -1,4 +1,4 @@
-"""The order flow written directly on nats-py: the reference the benchmark measures orderflow against.
+"""The order flow written directly on nats-py: the reference orderflow is measured against.
 
 One function per OS process, as orderflow deploys them:
 
@@ -17,12 +17,15 @@ It does the NATS work orderflow does for each message, and nothing more:
   record, exactly as ``orderflow/kv.py`` writes them. Losing a compare-and-set
   means reading again and deciding again.
 
+It hands a message back (a nak with a delay) exactly where orderflow's
+handlers retry: a flaky card's first attempt, and a compensation that outruns
+the order (``stock.unavailable`` before payment decided the charge,
+``payments.failed`` before stock decided the reservation). The delay comes
+from the same schedule, ``retry.backoff`` in ``streams.yaml``, by delivery count.
+
 What it leaves out, because the happy path and the compensations do not need
-it: validation of incoming events (they are plain dicts), dead letters, a
-retry schedule, ``in_progress`` keep-alives, failpoints, logging. The only two
-naks are the flow's own delays: a flaky card's first attempt (200 ms, the
-first step of ``retry.backoff`` in ``streams.yaml``) and a refund that finds a
-charge still under way (500 ms, as ``functions/payment.py`` defers it).
+it: validation of incoming events (they are plain dicts), dead letters, the
+retry log, context headers, ``in_progress`` keep-alives, failpoints, logging.
 """
 
 from __future__ import annotations
@@ -54,15 +57,17 @@ FLAKY_TOKEN = "tok_flaky"
 
 Event = dict[str, Any]
 Emitted = list[tuple[str, Event]]  # (subject, body) of each event to publish
+Write = tuple[str, Any, int]  # (key, value, the revision it was decided on; 0: create)
 Handler = Callable[[str, Event], Awaitable[Emitted]]
 
 
-class TryLater(Exception):
-    """Hand the message back; the server delivers it again after ``delay`` seconds."""
+#: Seconds before delivery 2, 3, 4, 5 and later of a message handed back
+#: (``retry.backoff`` of every function in ``streams.yaml``).
+BACKOFF = [0.2, 1.0, 5.0, 15.0]
 
-    def __init__(self, delay: float) -> None:
-        super().__init__(f"try again in {delay}s")
-        self.delay = delay
+
+class TryLater(Exception):
+    """Hand the message back to the server, to be delivered again after a backoff."""
 
 
 def event(subject: str, order_id: str, **fields: Any) -> tuple[str, Event]:
@@ -83,7 +88,7 @@ class Bucket:
         return f"$KV.{self.name}.{key}"
 
     async def get(self, key: str) -> tuple[Any, int]:
-        """The value and its revision (the stream sequence of its last write); (None, 0) if unset."""
+        """The value and its revision (the stream sequence of its last write); (None, 0): unset."""
         try:
             msg = await self.js.get_msg(f"KV_{self.name}", subject=self.subject(key), direct=True)
         except nats.js.errors.NotFoundError:
@@ -95,7 +100,7 @@ class Bucket:
         """Write ``key`` if its revision is still ``revision`` (0: if it does not exist yet)."""
         return await self.put_all([(key, value, revision)])
 
-    async def put_all(self, writes: list[tuple[str, Any, int]]) -> bool:
+    async def put_all(self, writes: list[Write]) -> bool:
         """Every write or none, each checked against its revision; False if any key moved.
 
         Several keys go as one atomic batch: every message but the last is
@@ -146,7 +151,7 @@ async def charge(order: Event, payments: Bucket, gateway: Bucket) -> Emitted:
             await payments.put(key, claim, 0)
             continue
         if record["status"] != "charging":
-            return charged_events(order_id, record)  # a redelivery: say the same again
+            return charged_events(order_id, record)  # decided before: say the same again
         outcome = await gateway_charge(
             gateway, f"charge-{order_id}", order["payment_token"], record["amount_cents"]
         )
@@ -163,9 +168,7 @@ def charged_events(order_id: str, record: Event) -> Emitted:
     if record["status"] in ("charged", "refunded"):
         return [event("payments.succeeded", order_id, amount_cents=amount,
                       charge_id=record["charge_id"])]  # fmt: skip
-    if record["status"] == "declined":
-        return [event("payments.failed", order_id, amount_cents=amount, reason=record["reason"])]
-    return []  # voided: stock failed first, the order is never charged
+    return [event("payments.failed", order_id, amount_cents=amount, reason=record["reason"])]
 
 
 async def refund(unavailable: Event, payments: Bucket, gateway: Bucket) -> Emitted:
@@ -173,20 +176,16 @@ async def refund(unavailable: Event, payments: Bucket, gateway: Bucket) -> Emitt
     key = f"payment.{order_id}"
     while True:
         record, revision = await payments.get(key)
-        if record is None:
-            # Stock failed before we saw the order: never charge it.
-            voided = {"status": "voided", "amount_cents": 0, "charge_id": None, "reason": ""}
-            if await payments.put(key, voided, 0):
-                return [event("payments.refunded", order_id, amount_cents=0, charge_id=None)]
-            continue
-        if record["status"] == "charging":
-            raise TryLater(0.5)  # refund once the charge has an outcome
+        if record is None or record["status"] == "charging":
+            # The charge is not decided yet (orders.created is ahead of this
+            # message in our consumer): refund once it is.
+            raise TryLater
         if record["status"] == "declined":
             return []  # no money was taken
-        if record["status"] in ("refunded", "voided"):
+        if record["status"] == "refunded":
             return [event("payments.refunded", order_id, amount_cents=record["amount_cents"],
                           charge_id=record["charge_id"])]  # fmt: skip
-        # Creating the refund record is the gateway's refund; a second one fails and changes nothing.
+        # Creating the refund record is the gateway's refund; a second try changes nothing.
         refund_record = {"charge_id": record["charge_id"], "amount_cents": record["amount_cents"]}
         await gateway.put(f"refund.refund-{order_id}", refund_record, 0)
         record = {**record, "status": "refunded"}
@@ -202,7 +201,7 @@ async def gateway_charge(gateway: Bucket, idempotency_key: str, token: str, amou
     if seen is not None:
         return dict(seen)
     if token == FLAKY_TOKEN and await gateway.put(f"attempt.{idempotency_key}", {}, 0):
-        raise TryLater(0.2)  # the gateway "timed out" on the first attempt
+        raise TryLater  # the gateway "timed out" on the first attempt
     record: Event = {"token": token, "amount_cents": amount, "charge_id": None, "declined": None}
     if token == DECLINED_TOKEN:
         record["declined"] = "card_declined"
@@ -235,12 +234,17 @@ async def reserve(order: Event, shelf: Bucket) -> Emitted:
             return reservation_events(order_id, existing)
         skus = list(wanted)
         levels = await asyncio.gather(*(shelf.get(f"level.{sku}") for sku in skus))
-        available = {sku: value["available"] if value else 0 for sku, (value, _) in zip(skus, levels)}
+        available = {
+            sku: value["available"] if value else 0
+            for sku, (value, _) in zip(skus, levels, strict=True)
+        }
         shortages = [
             {"sku": sku, "requested": quantity, "available": available[sku]}
             for sku, quantity in wanted.items()
             if available[sku] < quantity
         ]
+        record: Event
+        writes: list[Write]
         if shortages:
             record = {"status": "unavailable", "items": [], "shortages": shortages}
             writes = [(key, record, 0)]
@@ -249,7 +253,7 @@ async def reserve(order: Event, shelf: Bucket) -> Emitted:
             record = {"status": "reserved", "items": items, "shortages": []}
             writes = [
                 (f"level.{sku}", {"available": available[sku] - wanted[sku]}, revision)
-                for sku, (_, revision) in zip(skus, levels)
+                for sku, (_, revision) in zip(skus, levels, strict=True)
             ]
             writes.append((key, record, 0))
         if await shelf.put_all(writes):
@@ -259,9 +263,7 @@ async def reserve(order: Event, shelf: Bucket) -> Emitted:
 def reservation_events(order_id: str, record: Event) -> Emitted:
     if record["status"] in ("reserved", "released"):
         return [event("stock.reserved", order_id, items=record["items"])]
-    if record["status"] == "unavailable":
-        return [event("stock.unavailable", order_id, shortages=record["shortages"])]
-    return []  # voided: payment failed first, nothing was reserved
+    return [event("stock.unavailable", order_id, shortages=record["shortages"])]
 
 
 async def release(failed: Event, shelf: Bucket) -> Emitted:
@@ -270,22 +272,22 @@ async def release(failed: Event, shelf: Bucket) -> Emitted:
     while True:
         record, revision = await shelf.get(key)
         if record is None:
-            # Payment failed before we saw the order: never reserve for it.
-            writes = [(key, {"status": "voided", "items": [], "shortages": []}, 0)]
-        elif record["status"] == "reserved":
-            items = record["items"]
-            levels = await asyncio.gather(*(shelf.get(f"level.{i['sku']}") for i in items))
-            writes = [
-                (f"level.{i['sku']}", {"available": value["available"] + i["quantity"]}, level_rev)
-                for i, (value, level_rev) in zip(items, levels)
-            ]
-            writes.append((key, {**record, "status": "released"}, revision))
-        elif record["status"] == "unavailable":
+            # The reservation is not decided yet (orders.created is ahead of
+            # this message in our consumer): release once it is.
+            raise TryLater
+        if record["status"] == "unavailable":
             return []  # nothing is held
-        else:
+        if record["status"] == "released":
             return [event("stock.released", order_id, items=record["items"])]  # said before
+        items = record["items"]
+        levels = await asyncio.gather(*(shelf.get(f"level.{i['sku']}") for i in items))
+        writes: list[Write] = [
+            (f"level.{i['sku']}", {"available": value["available"] + i["quantity"]}, level_rev)
+            for i, (value, level_rev) in zip(items, levels, strict=True)
+        ]
+        writes.append((key, {**record, "status": "released"}, revision))
         if await shelf.put_all(writes):
-            return [event("stock.released", order_id, items=writes[-1][1]["items"])]
+            return [event("stock.released", order_id, items=items)]
 
 
 # --- delivery: payments.succeeded + stock.reserved, in any order -> delivery.scheduled ---
@@ -311,8 +313,15 @@ async def delivery(subject: str, body: Event, deliveries: Bucket) -> Emitted:
 
 # --- order: every outcome -> exactly one orders.completed or orders.cancelled ---
 
-NEW_ORDER = {"payment": "pending", "stock": "pending", "payment_problem": "",
-             "stock_problem": "", "tracking_id": "", "outcome": "open", "decided_by": ""}  # fmt: skip
+NEW_ORDER = {
+    "payment": "pending",
+    "stock": "pending",
+    "payment_problem": "",
+    "stock_problem": "",
+    "tracking_id": "",
+    "outcome": "open",
+    "decided_by": "",  # the subject of the event that finished the order
+}
 
 
 def observe(state: Event, subject: str, body: Event) -> Event:
@@ -329,7 +338,8 @@ def observe(state: Event, subject: str, body: Event) -> Event:
         state["stock"] = "reserved"
     elif subject == "stock.unavailable":
         short = ", ".join(
-            f"{s['sku']} (wanted {s['requested']}, {s['available']} left)" for s in body["shortages"]
+            f"{s['sku']} (wanted {s['requested']}, {s['available']} left)"
+            for s in body["shortages"]
         )
         state["stock"] = "unavailable"
         state["stock_problem"] = f"out of stock: {short}"
@@ -339,7 +349,10 @@ def observe(state: Event, subject: str, body: Event) -> Event:
         state["tracking_id"] = body["tracking_id"]
     if state["tracking_id"]:
         state["outcome"], state["decided_by"] = "completed", subject
-    elif state["payment"] in ("failed", "refunded") and state["stock"] in ("unavailable", "released"):
+    elif state["payment"] in ("failed", "refunded") and state["stock"] in (
+        "unavailable",
+        "released",
+    ):
         state["outcome"], state["decided_by"] = "cancelled", subject
     return state
 
@@ -399,8 +412,9 @@ async def settle(js: JetStreamContext, msg: Msg, handle: Handler) -> None:
             )
         )  # fmt: skip
         await msg.ack()
-    except TryLater as later:
-        await msg.nak(delay=later.delay)
+    except TryLater:
+        attempt = msg.metadata.num_delivered
+        await msg.nak(delay=BACKOFF[min(attempt, len(BACKOFF)) - 1])
     except Exception as exc:
         # Left unacked, the message comes back after the consumer's ack_wait.
         print(f"{msg.subject}: {exc!r}", file=sys.stderr)
