@@ -24,6 +24,7 @@ from orderflow import context as ctx
 from orderflow import deadletter as dl
 from orderflow.config import Topology, subject_matches
 from orderflow.decoding import readable_order_id
+from orderflow.status import ask_all
 from orderflow.streamlog import Stored, read_stream
 
 
@@ -209,6 +210,10 @@ async def load(
                 )
             )
     consumers = {name: await _consumer_state(nc, topology, name) for name in topology.functions}
+    # Instances answering the NATS micro protocol, asked only of functions owing a step.
+    owing = {f for order in events.values() for f, _, _ in waiting_on({s.subject for s in order})}
+    for name in owing:
+        consumers[name]["instances"] = len(await ask_all(nc, f"$SRV.PING.orderflow-{name}"))
     traces = {}
     for order_id, logged in events.items():
         steps = steps_of(logged)
@@ -251,8 +256,8 @@ def render(trace: Trace, now: datetime) -> str:
         lines.append(
             f"\n  waiting for {o.what}: {o.function} owes it (due since {_ago(o.since, now)}); "
             f"consumer {o.function}: {c.get('pending', 0):,} pending, {c.get('unacked', 0):,} "
-            f"unacked, {c.get('fetching', 0)} pull requests waiting"
-            + (" - is any instance running?" if not c.get("fetching") else "")
+            f"unacked, {c.get('instances', 0)} instances answering"
+            + (" - is any instance running?" if not c.get("instances") else "")
         )
     return "\n".join(lines)
 

@@ -65,6 +65,7 @@ async def test_a_stopped_function_is_named_as_the_one_that_owes_the_next_step(
     assert (owed.function, owed.what) == ("delivery", "delivery.scheduled")
     assert owed.consumer["pending"] == 2  # both halves wait for it
     assert owed.consumer["fetching"] == 0  # and nobody is asking for them
+    assert owed.consumer["instances"] == 0  # no delivery process answers $SRV.PING
 
     text = _runner(flow, "trace", "tr-stuck")
     assert text.returncode == 0, text.stderr
