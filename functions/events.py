@@ -13,7 +13,7 @@ and never reaches a handler. Money is always integer cents.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -177,5 +177,3 @@ def subject_of(cls: type[Event]) -> str:
 EVENT_TYPES: dict[str, type[Event]] = {subject_of(cls): cls for cls in EVENT_CLASSES}
 
 TERMINAL_SUBJECTS: frozenset[str] = frozenset({"orders.completed", "orders.cancelled"})
-
-Outcome = Literal["completed", "cancelled"]

@@ -25,6 +25,11 @@ POINTS = (
 _SPEC = os.environ.get("ORDERFLOW_CRASH", "")
 _MARKER = os.environ.get("ORDERFLOW_CRASH_MARKER", "")
 
+# A misspelt point would never fire and the crash test would only say "never
+# reached": fail at start instead, naming the points there are.
+if _SPEC and _SPEC.split(":")[0] not in POINTS:
+    raise ValueError(f"ORDERFLOW_CRASH={_SPEC!r}: the point must be one of {', '.join(POINTS)}")
+
 
 def crash_point(point: str, function: str, order_id: str, subject: str = "") -> None:
     if not _SPEC:
