@@ -138,6 +138,74 @@ class DeliveryScheduled(Event, tag="delivery.scheduled", frozen=True):
     tracking_id: str
 
 
+# --- commands (orchestration mode) -------------------------------------------
+#
+# In orchestration mode the orchestrator tells each function what to do on a
+# subject of its own (``saga.<function>.<verb>``); the functions answer with
+# the events above, exactly as they do in choreography. A step the
+# orchestrator sends again after a timeout carries the next ``attempt``, so it
+# is a new message, not a duplicate the stream would drop.
+
+
+class Command(Event, frozen=True):
+    """A step the orchestrator asks of one function."""
+
+    attempt: Annotated[int, Meta(ge=1)]
+
+
+class ChargePayment(Command, tag="saga.payment.charge", frozen=True):
+    """Charge the order's total (carries the order, as ``orders.created`` does)."""
+
+    order: OrderCreated
+
+
+class RefundPayment(Command, tag="saga.payment.refund", frozen=True):
+    """Compensation: give back what was charged for the order, if anything was."""
+
+    reason: Reason
+
+
+class ReserveStock(Command, tag="saga.stock.reserve", frozen=True):
+    order: OrderCreated
+
+
+class ReleaseStock(Command, tag="saga.stock.release", frozen=True):
+    """Compensation: put back what was reserved for the order, if anything was."""
+
+    reason: Reason
+
+
+class ScheduleDelivery(Command, tag="saga.delivery.schedule", frozen=True):
+    """Both halves delivery waits for in choreography, handed over at once."""
+
+    payment: PaymentSucceeded
+    stock: StockReserved
+
+
+class StepTimedOut(Event, tag="saga.timeout", frozen=True):
+    """The orchestrator's alarm for one attempt of one step.
+
+    The orchestrator emits it together with the command; the runner publishes
+    it as a JetStream *scheduled* message on :func:`alarm_subject`, which the
+    server publishes on ``saga.timeout`` ``delay_ms`` later. If the step has
+    answered by then, the alarm is stale and ignored. No clock is read in the
+    handler.
+    """
+
+    step: str
+    attempt: int
+    delay_ms: Annotated[int, Meta(ge=0)]
+
+
+class AlarmCleared(Event, tag="saga.alarms.cleared", frozen=True):
+    """The saga is over: the runner withdraws its pending alarm, so none fires late."""
+
+
+def alarm_subject(order_id: str) -> str:
+    """Where an order's alarm waits: one per order, a newer alarm replaces the older."""
+    return f"saga.alarms.{order_id}"
+
+
 AnyEvent = (
     OrderCreated
     | OrderCompleted
@@ -150,6 +218,13 @@ AnyEvent = (
     | StockUnavailable
     | StockReleased
     | DeliveryScheduled
+    | ChargePayment
+    | RefundPayment
+    | ReserveStock
+    | ReleaseStock
+    | ScheduleDelivery
+    | StepTimedOut
+    | AlarmCleared
 )
 
 EVENT_CLASSES: tuple[type[Event], ...] = (
@@ -164,6 +239,13 @@ EVENT_CLASSES: tuple[type[Event], ...] = (
     StockUnavailable,
     StockReleased,
     DeliveryScheduled,
+    ChargePayment,
+    RefundPayment,
+    ReserveStock,
+    ReleaseStock,
+    ScheduleDelivery,
+    StepTimedOut,
+    AlarmCleared,
 )
 
 
@@ -175,5 +257,20 @@ def subject_of(cls: type[Event]) -> str:
 
 #: subject -> event class; the only place subjects and types meet.
 EVENT_TYPES: dict[str, type[Event]] = {subject_of(cls): cls for cls in EVENT_CLASSES}
+
+
+def event_id(event: Event) -> str:
+    """The event's unique, derived id, also its ``Nats-Msg-Id``.
+
+    An order emits each kind of event at most once, so subject and order name
+    it; a command or an alarm once per attempt of its step.
+    """
+    base = f"{subject_of(type(event))}:{event.order_id}"
+    if isinstance(event, StepTimedOut):
+        return f"{base}:{event.step}:{event.attempt}"
+    if isinstance(event, Command):
+        return f"{base}:{event.attempt}"
+    return base
+
 
 TERMINAL_SUBJECTS: frozenset[str] = frozenset({"orders.completed", "orders.cancelled"})

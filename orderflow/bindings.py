@@ -4,16 +4,32 @@ An explicit table, no registration magic: ``streams.yaml`` names functions and
 the buckets each may use, this table says how to build each handler from
 those buckets. A function asking for a bucket it did not declare fails at
 start, so ``streams.yaml`` stays a true list of what every function touches.
+
+In orchestration mode payment, stock and delivery run the *same* handlers;
+only what feeds them changes. A command is handed over as the event it stands
+for in choreography (:func:`as_events`): ``saga.payment.charge`` is the order,
+``saga.payment.refund`` is what ``stock.unavailable`` asks of payment, and so
+on. The orchestrator is the one function of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from functions import delivery, order, payment, stock
-from functions.events import Event
+from functions import delivery, orchestrator, order, payment, stock
+from functions.events import (
+    ChargePayment,
+    Event,
+    PaymentFailed,
+    RefundPayment,
+    ReleaseStock,
+    ReserveStock,
+    ScheduleDelivery,
+    StockUnavailable,
+    event_id,
+)
 from functions.state import Store
-from orderflow.config import ConfigError, Topology
+from orderflow.config import ConfigError, Topology, seconds
 from orderflow.gateway import SimulatedGateway
 from orderflow.worker import Handler
 
@@ -44,14 +60,80 @@ BINDINGS: dict[str, Callable[[Buckets], Handler]] = {
 }
 
 
+def as_events(command: Event) -> list[Event]:
+    """A command as the events that ask the same of a function in choreography."""
+    match command:
+        case ChargePayment(order=placed) | ReserveStock(order=placed):
+            return [placed]
+        case RefundPayment(order_id=order_id):
+            return [StockUnavailable(order_id, shortages=[])]
+        case ReleaseStock(order_id=order_id, reason=reason):
+            return [PaymentFailed(order_id, amount_cents=0, reason=reason)]
+        case ScheduleDelivery(payment=paid, stock=reserved):
+            # delivery's join, given both halves at once.
+            return [paid, reserved]
+    return [command]
+
+
+def _commanded(build: Callable[[Buckets], Handler]) -> Callable[[Buckets], Handler]:
+    def build_commanded(buckets: Buckets) -> Handler:
+        handler = build(buckets)
+
+        async def handle(command: Event) -> Sequence[Event]:
+            emitted: dict[str, Event] = {}
+            for event in as_events(command):
+                # Both halves of a redelivered ScheduleDelivery answer with the
+                # same event: send it once.
+                emitted.update((event_id(e), e) for e in await handler(event))
+            return list(emitted.values())
+
+        return handle
+
+    return build_commanded
+
+
+def _orchestrator(topology: Topology) -> Callable[[Buckets], Handler]:
+    assert topology.orchestration is not None  # mode orchestration is loaded only with it
+    steps = topology.orchestration.steps
+    policy: orchestrator.Policy = {
+        step: orchestrator.StepPolicy(
+            timeout_ms=round(seconds(spec.timeout) * 1000),
+            on_timeout=spec.on_timeout,
+            attempts=spec.attempts,
+        )
+        for step in orchestrator.STEPS
+        if (spec := getattr(steps, step))
+    }
+
+    def build(buckets: Buckets) -> Handler:
+        store = buckets("sagas")
+        return lambda event: orchestrator.handle(event, store, policy)
+
+    return build
+
+
+def bindings(topology: Topology) -> dict[str, Callable[[Buckets], Handler]]:
+    """The table for the topology's mode."""
+    if topology.mode == "choreography":
+        return BINDINGS
+    return {
+        "orchestrator": _orchestrator(topology),
+        "payment": _commanded(_payment),
+        "stock": _commanded(BINDINGS["stock"]),
+        "delivery": _commanded(BINDINGS["delivery"]),
+    }
+
+
 def build_handler(topology: Topology, function: str, store_for: Buckets) -> Handler:
     """The handler of ``function``, its state in the buckets ``store_for`` opens.
 
     The runner opens KV buckets (``KvStore``); the offline replayer, memory.
     """
-    if function not in BINDINGS:
+    table = bindings(topology)
+    if function not in table:
         raise ConfigError(
-            f"functions.{function}: no handler is bound to this name (known: {', '.join(BINDINGS)})"
+            f"functions.{function}: no handler is bound to this name in {topology.mode} mode "
+            f"(known: {', '.join(table)})"
         )
     allowed = set(topology.functions[function].buckets)
 
@@ -63,4 +145,4 @@ def build_handler(topology: Topology, function: str, store_for: Buckets) -> Hand
             )
         return store_for(name)
 
-    return BINDINGS[function](buckets)
+    return table[function](buckets)

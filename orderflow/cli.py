@@ -19,8 +19,9 @@ from nats.aio.client import Client
 
 from orderflow import config as config_mod
 from orderflow import logs
-from orderflow.config import ConfigError, Topology
+from orderflow.config import MODES, ConfigError, Topology
 from orderflow.connect import DEFAULT_URL, connect, url_from_env
+from orderflow.provision import ModeSwitchRefused
 from orderflow.server import EmbeddedServer, port_is_free
 
 log = logging.getLogger("orderflow")
@@ -294,9 +295,12 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
     with nats_server(args.data_dir) as url:
         for line in asyncio.run(_provision(url, topology, args.config.parent)):
             log.info("%s", line)
-        supervisor = Supervisor(url, args.config, replicas, log_level=args.log_level)
+        supervisor = Supervisor(
+            url, args.config, replicas, log_level=args.log_level, mode=topology.mode
+        )
         supervisor.start()
-        print(f"order flow up on {url}: {', '.join(f'{n} x{c}' for n, c in replicas.items())}. "
+        print(f"order flow up on {url} ({topology.mode}): "
+              f"{', '.join(f'{n} x{c}' for n, c in replicas.items())}. "
               "Ctrl-C stops.", file=sys.stderr)  # fmt: skip
         try:
             asyncio.run(_until_signalled(supervisor))
@@ -339,6 +343,7 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
             _replicas(args.replicas, topology),
             log_level=args.log_level,
             log_dir=args.data_dir / "logs",
+            mode=topology.mode,
         )
         supervisor.start()
         try:
@@ -364,6 +369,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         default=os.environ.get("ORDERFLOW_LOG_FORMAT", "text"),
         help="json: one JSON object per line, for log shippers",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=os.environ.get("ORDERFLOW_MODE") or None,
+        help="choreography (functions react to events) or orchestration (a saga drives them); "
+        "default: streams.yaml's mode, choreography",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -426,6 +438,11 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
             cmd.add_argument("--seed", type=int, default=42)
             cmd.add_argument("--json", action="store_true", help="summary as JSON on the last line")
+    # --mode after the command too (`up --mode orchestration`), where it wins.
+    for cmd in sub.choices.values():
+        cmd.add_argument(
+            "--mode", choices=MODES, default=argparse.SUPPRESS, help="see runner.py -h"
+        )
     return p
 
 
@@ -450,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     # Function processes started by up/demo log the same way.
     os.environ["ORDERFLOW_LOG_FORMAT"] = args.log_format
     try:
-        topology = config_mod.load(args.config)
+        topology = config_mod.load(args.config, args.mode)
         return COMMANDS[args.command](args, topology)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ModeSwitchRefused as exc:
+        print(f"provision: {exc}", file=sys.stderr)
         return 2

@@ -42,6 +42,12 @@ class StreamSpec(_Config, frozen=True):
     replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     duplicate_window: Duration = "2m"
     max_age: Duration = "30d"
+    # Timers (nats-server 2.12+): a publisher may have the server publish a
+    # message later, withdraw it with a rollup, and let a message expire.
+    # Never on a stream the public may publish to: a rollup deletes history.
+    allow_msg_schedules: bool = False
+    allow_rollup: bool = False
+    allow_msg_ttl: bool = False
 
 
 class BucketSpec(_Config, frozen=True):
@@ -102,14 +108,50 @@ class RetryLogSpec(_Config, frozen=True):
     subject_prefix: Name = "retries"
 
 
+class StepSpec(_Config, frozen=True):
+    # How long the orchestrator waits for a step's answer before acting.
+    timeout: Duration = "30s"
+    # retry: send the command again every timeout, forever. compensate: send
+    # it again until `attempts` went unanswered, then undo what is done.
+    on_timeout: Literal["retry", "compensate"] = "retry"
+    attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+
+
+class StepsSpec(_Config, frozen=True):
+    payment: StepSpec = StepSpec(on_timeout="compensate")
+    stock: StepSpec = StepSpec(on_timeout="compensate")
+    delivery: StepSpec = StepSpec()
+    release: StepSpec = StepSpec()
+    refund: StepSpec = StepSpec()
+
+
+Mode = Literal["choreography", "orchestration"]
+MODES: tuple[Mode, ...] = ("choreography", "orchestration")
+
+
+class OrchestrationSpec(_Config, frozen=True):
+    """The same functions wired as a saga: what ``--mode orchestration`` runs."""
+
+    functions: dict[Name, FunctionSpec]
+    steps: StepsSpec = msgspec.field(default_factory=StepsSpec)
+
+
 class Topology(_Config, frozen=True):
     streams: Annotated[list[StreamSpec], Meta(min_length=1)]
     buckets: list[BucketSpec]
+    # The choreography wiring (the default mode); `orchestration` holds the other.
     functions: dict[Name, FunctionSpec]
     dead_letters: DeadLetterSpec
     # Where every retry is noted, so a trace can show it; none: not noted.
     retry_log: RetryLogSpec | None = None
     inventory: InventorySpec | None = None
+    orchestration: OrchestrationSpec | None = None
+    # Which wiring `functions` is once loaded. In streams.yaml: the mode of
+    # commands run without --mode.
+    mode: Mode = "choreography"
+    # Set by load(), not in the file: the functions of the wiring that is not
+    # running, whose consumers provision retires.
+    inactive: dict[Name, FunctionSpec] = {}
 
     def stream(self, name: str) -> StreamSpec:
         return next(s for s in self.streams if s.name == name)
@@ -131,11 +173,33 @@ def subject_matches(pattern: str, subject: str) -> bool:
 
 
 def _check(topology: Topology) -> None:
+    if topology.inactive:
+        raise ConfigError("inactive: set by --mode, not written in streams.yaml")
+    _check_functions(topology, topology.functions, "functions")
+    if topology.orchestration is not None:
+        _check_functions(topology, topology.orchestration.functions, "orchestration.functions")
+        steps = topology.orchestration.steps
+        for step in ("delivery", "release", "refund"):
+            if getattr(steps, step).on_timeout == "compensate":
+                raise ConfigError(
+                    f"orchestration.steps.{step}.on_timeout: 'compensate' is only for payment "
+                    f"and stock ({step} has nothing after it to undo: use 'retry')"
+                )
+    if topology.retry_log and topology.retry_log.stream not in {s.name for s in topology.streams}:
+        raise ConfigError(f"retry_log.stream: no stream named {topology.retry_log.stream!r}")
+    if topology.dead_letters.stream not in {s.name for s in topology.streams}:
+        raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
+    buckets = {b.name for b in topology.buckets}
+    if topology.inventory and topology.inventory.bucket not in buckets:
+        raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
+
+
+def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at: str) -> None:
     streams = {s.name: s for s in topology.streams}
     buckets = {b.name for b in topology.buckets}
-    for name, fn in topology.functions.items():
+    for name, fn in functions.items():
         for i, consumer in enumerate(fn.consumers):
-            where = f"functions.{name}.consumers[{i}]"
+            where = f"{at}.{name}.consumers[{i}]"
             stream = streams.get(consumer.stream)
             if stream is None:
                 raise ConfigError(
@@ -152,22 +216,16 @@ def _check(topology: Topology) -> None:
         for subject in fn.reject_invalid:
             if subject not in consumed:
                 raise ConfigError(
-                    f"functions.{name}.reject_invalid: {subject!r} is not one of its "
+                    f"{at}.{name}.reject_invalid: {subject!r} is not one of its "
                     f"filter_subjects ({', '.join(sorted(consumed))})"
                 )
         for bucket in fn.buckets:
             if bucket not in buckets:
-                raise ConfigError(f"functions.{name}.buckets: no bucket named {bucket!r}")
-    for name, fn in topology.functions.items():
+                raise ConfigError(f"{at}.{name}.buckets: no bucket named {bucket!r}")
+    for name, fn in functions.items():
         for subject in fn.emits:
             if not any(subject_matches(p, subject) for s in streams.values() for p in s.subjects):
-                raise ConfigError(f"functions.{name}.emits: no stream stores {subject!r}")
-    if topology.retry_log and topology.retry_log.stream not in streams:
-        raise ConfigError(f"retry_log.stream: no stream named {topology.retry_log.stream!r}")
-    if topology.dead_letters.stream not in streams:
-        raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
-    if topology.inventory and topology.inventory.bucket not in buckets:
-        raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
+                raise ConfigError(f"{at}.{name}.emits: no stream stores {subject!r}")
 
 
 def _convert(raw: object) -> Topology:
@@ -176,20 +234,28 @@ def _convert(raw: object) -> Topology:
     msgspec writes a dict key in an error path as ``[...]``; converting each
     function on its own first lets the message say ``$.functions.payment``.
     """
-    functions = raw.get("functions") if isinstance(raw, dict) else None
-    for name, spec in functions.items() if isinstance(functions, dict) else ():
-        try:
-            msgspec.convert(spec, FunctionSpec)
-        except msgspec.ValidationError as exc:
-            raise msgspec.ValidationError(
-                str(exc).replace("`$", f"`$.functions.{name}", 1)
-                if "`$" in str(exc)
-                else f"{exc} - at `$.functions.{name}`"
-            ) from None
+    orchestration = raw.get("orchestration") if isinstance(raw, dict) else None
+    for at, functions in (
+        ("functions", raw.get("functions") if isinstance(raw, dict) else None),
+        (
+            "orchestration.functions",
+            orchestration.get("functions") if isinstance(orchestration, dict) else None,
+        ),
+    ):
+        for name, spec in functions.items() if isinstance(functions, dict) else ():
+            try:
+                msgspec.convert(spec, FunctionSpec)
+            except msgspec.ValidationError as exc:
+                raise msgspec.ValidationError(
+                    str(exc).replace("`$", f"`$.{at}.{name}", 1)
+                    if "`$" in str(exc)
+                    else f"{exc} - at `$.{at}.{name}`"
+                ) from None
     return msgspec.convert(raw, Topology)
 
 
-def load(path: str | Path = "streams.yaml") -> Topology:
+def load(path: str | Path = "streams.yaml", mode: Mode | None = None) -> Topology:
+    """The topology in ``path``, wired for ``mode`` (default: the file's ``mode``)."""
     path = Path(path)
     try:
         topology = _convert(msgspec.yaml.decode(path.read_bytes()))
@@ -201,9 +267,27 @@ def load(path: str | Path = "streams.yaml") -> Topology:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:
         _check(topology)
+        topology = _resolve(topology, mode or topology.mode)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return topology
+
+
+def _resolve(topology: Topology, mode: Mode) -> Topology:
+    if mode == "choreography" or topology.orchestration is None:
+        if mode == "orchestration":
+            raise ConfigError("mode 'orchestration': there is no orchestration section")
+        return msgspec.structs.replace(
+            topology,
+            mode="choreography",
+            inactive=topology.orchestration.functions if topology.orchestration else {},
+        )
+    return msgspec.structs.replace(
+        topology,
+        functions=topology.orchestration.functions,
+        mode="orchestration",
+        inactive=topology.functions,
+    )
 
 
 class Inventory(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -59,6 +59,9 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         num_replicas=spec.replicas,
         duplicate_window=seconds(spec.duplicate_window),
         max_age=seconds(spec.max_age),
+        allow_msg_schedules=spec.allow_msg_schedules or None,
+        allow_rollup_hdrs=spec.allow_rollup,
+        allow_msg_ttl=spec.allow_msg_ttl or None,
     )
 
 
@@ -80,10 +83,12 @@ def bucket_config(spec: BucketSpec) -> StreamConfig:
     )
 
 
-def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
+def consumer_config(spec: ConsumerSpec, start_after: int = 0) -> ConsumerConfig:
+    """``start_after``: the stream sequence a new consumer starts past (0: from the start)."""
     return ConsumerConfig(
         durable_name=spec.durable,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_after else DeliverPolicy.ALL,
+        opt_start_seq=start_after + 1 if start_after else None,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=seconds(spec.ack_wait),
         # One more than the runner allows: the runner dead-letters a message on
@@ -117,6 +122,9 @@ _STREAM_FIELDS = (
     "max_age",
     "max_msgs_per_subject",
     "allow_atomic",
+    "allow_msg_schedules",
+    "allow_rollup_hdrs",
+    "allow_msg_ttl",
 )
 _CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subjects", "max_ack_pending")
 
@@ -145,7 +153,8 @@ async def ensure_consumer(js: Any, stream: str, config: ConsumerConfig, report: 
         info = await js.consumer_info(stream, config.durable_name)
     except nats.js.errors.NotFoundError:
         await js.add_consumer(stream, config)
-        report.say(f"{name}: created")
+        start = f" (from sequence {config.opt_start_seq})" if config.opt_start_seq else ""
+        report.say(f"{name}: created{start}")
         return
     changes = _drift(config, info.config, _CONSUMER_FIELDS)
     if changes:
@@ -155,10 +164,59 @@ async def ensure_consumer(js: Any, stream: str, config: ConsumerConfig, report: 
         report.say(f"{name}: unchanged")
 
 
-async def ensure_consumers(nc: Client, topology: Topology, function: str, report: Report) -> None:
+async def ensure_consumers(
+    nc: Client,
+    topology: Topology,
+    function: str,
+    report: Report,
+    start_after: dict[str, int] | None = None,
+) -> None:
+    """Create or update ``function``'s consumers; new ones start past ``start_after[stream]``."""
     js = nc.jetstream()
     for spec in topology.functions[function].consumers:
-        await ensure_consumer(js, spec.stream, consumer_config(spec), report)
+        start = (start_after or {}).get(spec.stream, 0)
+        await ensure_consumer(js, spec.stream, consumer_config(spec, start), report)
+
+
+class ModeSwitchRefused(Exception):
+    """The other wiring still has messages in flight: switching now would strand them."""
+
+
+async def retire_inactive(nc: Client, topology: Topology, report: Report) -> dict[str, int]:
+    """Delete the consumers of the wiring that is not running; returns where new ones start.
+
+    Left in place, they would pile up every new message, and switching back
+    would feed orders the other wiring already finished to the functions
+    again. So a switch happens only when they are idle: every message they
+    were given is settled. The new wiring's consumers then start after the
+    last message already in the stream, for the same reason.
+    """
+    js = nc.jetstream()
+    active = {c.durable for fn in topology.functions.values() for c in fn.consumers}
+    retired: list[tuple[str, str]] = []
+    for fn in topology.inactive.values():
+        for spec in fn.consumers:
+            if spec.durable in active:
+                continue
+            try:
+                info = await js.consumer_info(spec.stream, spec.durable)
+            except nats.js.errors.NotFoundError:
+                continue
+            if info.num_pending or info.num_ack_pending:
+                other = "orchestration" if topology.mode == "choreography" else "choreography"
+                raise ModeSwitchRefused(
+                    f"cannot switch to {topology.mode}: consumer {spec.stream}/{spec.durable} of "
+                    f"the {other} wiring has {info.num_pending} messages waiting and "
+                    f"{info.num_ack_pending} in flight; let them finish (run with --mode {other}) "
+                    "and provision again"
+                )
+            retired.append((spec.stream, spec.durable))
+    start_after: dict[str, int] = {}
+    for stream, durable in retired:
+        await js.delete_consumer(stream, durable)
+        report.say(f"consumer {stream}/{durable}: removed (not in the {topology.mode} wiring)")
+        start_after[stream] = (await js.stream_info(stream)).state.last_seq
+    return start_after
 
 
 async def seed_levels(store: Store, stock: dict[str, int]) -> int:
@@ -187,7 +245,8 @@ async def provision(nc: Client, topology: Topology, base: Path = Path(".")) -> R
         await ensure_stream(js, stream_config(stream), report)
     for bucket in topology.buckets:
         await ensure_stream(js, bucket_config(bucket), report)
+    start_after = await retire_inactive(nc, topology, report)
     for function in topology.functions:
-        await ensure_consumers(nc, topology, function, report)
+        await ensure_consumers(nc, topology, function, report, start_after)
     await seed_inventory(nc, topology, base, report)
     return report

@@ -35,7 +35,7 @@ import msgspec
 from nats.aio.client import Client
 
 from functions.errors import Permanent
-from functions.events import AnyOrderId, Event, OrderRejected, subject_of
+from functions.events import AnyOrderId, Event, OrderRejected, event_id, subject_of
 from functions.state import MemoryStore, Store
 from orderflow.bindings import build_handler
 from orderflow.config import Topology, load_inventory, subject_matches
@@ -45,7 +45,6 @@ from orderflow.provision import provision, seed_levels
 from orderflow.recording import Recorded
 from orderflow.server import EmbeddedServer
 from orderflow.streamlog import read_stream
-from orderflow.worker import message_id
 
 log = logging.getLogger("orderflow.replay")
 
@@ -180,7 +179,7 @@ async def run_offline(
                     queue.append((name, subject, data, attempt + 1))
                 continue
             for out in emitted:
-                publish(out, message_id(out), queue)
+                publish(out, event_id(out), queue)
     return result
 
 

@@ -49,8 +49,10 @@ class Supervisor:
         grace: float = 10.0,
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        mode: str = "choreography",
     ) -> None:
         self.url = url
+        self.mode = mode
         self.config = config
         self.log_level = log_level
         self.grace = grace
@@ -63,7 +65,7 @@ class Supervisor:
 
     def command(self, function: str) -> list[str]:
         return [sys.executable, str(ROOT / "runner.py"), "--config", str(self.config),
-                "--log-level", self.log_level, "run", function]  # fmt: skip
+                "--log-level", self.log_level, "--mode", self.mode, "run", function]  # fmt: skip
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, **self.env, "NATS_URL": self.url}

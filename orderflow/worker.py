@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -37,7 +38,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent, Retry
-from functions.events import Event, OrderRejected, subject_of
+from functions.events import (
+    AlarmCleared,
+    Event,
+    OrderRejected,
+    StepTimedOut,
+    alarm_subject,
+    event_id,
+    subject_of,
+)
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_for, input_event_id
 from orderflow.deadletter import DeadLetters
@@ -70,11 +79,6 @@ FETCH_TIMEOUT = 1.0
 BUSY_FETCH_TIMEOUT = 0.02
 
 _encoder = msgspec.json.Encoder()
-
-
-def message_id(event: Event) -> str:
-    """Every order emits each kind of event at most once, so this names it uniquely."""
-    return f"{subject_of(type(event))}:{event.order_id}"
 
 
 class Worker:
@@ -170,8 +174,8 @@ class Worker:
                 await self._dead_letter(msg, event.reason)
             return
         meta = msg.metadata
-        event_id = input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)
-        context = fields(self.name, msg.subject, event.order_id, event_id)
+        input_id = input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)
+        context = fields(self.name, msg.subject, event.order_id, input_id)
         started = time.perf_counter_ns()
         try:
             emitted = await self._keeping_alive(msg, consumer, self.handler(event))
@@ -223,11 +227,11 @@ class Worker:
                 meta = msg.metadata
                 rejection = OrderRejected(order_id, reason=reason[:500])
                 # One rejection per rejected message, however often it is delivered.
-                event_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
+                rejection_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
                 await self.js.publish(
                     subject_of(OrderRejected),
                     _encoder.encode(rejection),
-                    headers=self._context(event_id, rejection, msg),
+                    headers=self._context(rejection_id, rejection, msg),
                 )
         await self._dead_letter(msg, reason)
 
@@ -247,11 +251,11 @@ class Worker:
                 return task.result()
             await msg.in_progress()
 
-    def _context(self, event_id: str, event: Event, cause: Msg) -> dict[str, str]:
+    def _context(self, own_id: str, event: Event, cause: Msg) -> dict[str, str]:
         meta = cause.metadata
         cause_headers = cause.headers or {}
         return headers_for(
-            event_id=event_id,
+            event_id=own_id,
             order_id=event.order_id,
             function=self.name,
             cause=cause_headers,
@@ -267,16 +271,24 @@ class Worker:
                 f"({', '.join(self.spec.emits) or 'nothing'})"
             )
         # Concurrently: the input is acked only once every ack is in.
-        await asyncio.gather(
-            *(
-                self.js.publish(
-                    subject_of(type(event)),
-                    _encoder.encode(event),
-                    headers=self._context(message_id(event), event, cause),
-                )
-                for event in events
-            )
-        )
+        await asyncio.gather(*(self._publish_one(event, cause) for event in events))
+
+    async def _publish_one(self, event: Event, cause: Msg) -> None:
+        subject = subject_of(type(event))
+        headers = self._context(event_id(event), event, cause)
+        if isinstance(event, StepTimedOut):
+            # An alarm: the server stores it as a schedule (replacing the
+            # order's previous one) and publishes it on its own subject
+            # delay_ms from now. The clock is read here, in the runner, so
+            # the orchestrator's decisions stay pure.
+            headers |= schedule_headers(subject, event.delay_ms / 1000)
+            subject = alarm_subject(event.order_id)
+        elif isinstance(event, AlarmCleared):
+            # A plain message rolled up over the schedule withdraws it, and
+            # expires itself: nothing of the alarm is left in the stream.
+            headers |= {"Nats-Rollup": "sub", "Nats-TTL": "1s"}
+            subject = alarm_subject(event.order_id)
+        await self.js.publish(subject, _encoder.encode(event), headers=headers)
 
     async def _note_retry(self, msg: Msg, event: Event, delay: float, exc: Exception) -> None:
         """Put the failed attempt in the log, for ``trace``; best effort, never in the way."""
@@ -306,6 +318,15 @@ class Worker:
             )
         except Exception as exc:  # the retry itself is already scheduled
             log.debug("%s: could not note a retry: %r", self.name, exc)
+
+
+def schedule_headers(target: str, delay: float) -> dict[str, str]:
+    """Headers that make JetStream publish a stored message on ``target`` ``delay`` s from now."""
+    at = datetime.now(UTC) + timedelta(seconds=delay)
+    return {
+        "Nats-Schedule": f"@at {at.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}",
+        "Nats-Schedule-Target": target,
+    }
 
 
 async def _hand_back_late_arrivals(sub: Any) -> None:

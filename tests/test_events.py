@@ -12,7 +12,9 @@ import pytest
 from functions.events import (
     EVENT_CLASSES,
     EVENT_TYPES,
+    AlarmCleared,
     AnyEvent,
+    ChargePayment,
     DeliveryScheduled,
     Event,
     OrderCancelled,
@@ -23,11 +25,17 @@ from functions.events import (
     PaymentFailed,
     PaymentRefunded,
     PaymentSucceeded,
+    RefundPayment,
+    ReleaseStock,
+    ReserveStock,
+    ScheduleDelivery,
     Shortage,
+    StepTimedOut,
     StockLine,
     StockReleased,
     StockReserved,
     StockUnavailable,
+    event_id,
     subject_of,
 )
 
@@ -134,6 +142,13 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
         "stock.unavailable": StockUnavailable,
         "stock.released": StockReleased,
         "delivery.scheduled": DeliveryScheduled,
+        "saga.payment.charge": ChargePayment,
+        "saga.payment.refund": RefundPayment,
+        "saga.stock.reserve": ReserveStock,
+        "saga.stock.release": ReleaseStock,
+        "saga.delivery.schedule": ScheduleDelivery,
+        "saga.timeout": StepTimedOut,
+        "saga.alarms.cleared": AlarmCleared,
     }
     assert dict(EVENT_TYPES) == expected
     assert set(EVENT_TYPES.values()) == set(EVENT_CLASSES)
@@ -141,8 +156,10 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
         assert subject_of(cls) == subject
 
 
+PLACED = OrderCreated("o-1", "c-1", [OrderItem("SKU-1", 1, 100)], payment_token="tok_visa")
+
 ONE_OF_EACH: list[Event] = [
-    OrderCreated("o-1", "c-1", [OrderItem("SKU-1", 1, 100)], payment_token="tok_visa"),
+    PLACED,
     OrderRejected("o-1", reason="invalid orders.created: Expected `int` >= 1"),
     OrderCompleted("o-1", tracking_id="TRK-1"),
     OrderCancelled("o-1", reason="payment failed: card_declined"),
@@ -153,7 +170,27 @@ ONE_OF_EACH: list[Event] = [
     StockUnavailable("o-1", shortages=[Shortage("SKU-1", 2, 1)]),
     StockReleased("o-1", items=[]),
     DeliveryScheduled("o-1", tracking_id="TRK-1"),
+    ChargePayment("o-1", 1, order=PLACED),
+    RefundPayment("o-1", 2, reason="out of stock: SKU-1 (wanted 2, 1 left)"),
+    ReserveStock("o-1", 1, order=PLACED),
+    ReleaseStock("o-1", 1, reason="stock did not answer 3 attempts of 30000 ms"),
+    ScheduleDelivery(
+        "o-1",
+        1,
+        payment=PaymentSucceeded("o-1", 100, charge_id="ch_1"),
+        stock=StockReserved("o-1", items=[StockLine("SKU-1", 1)]),
+    ),
+    StepTimedOut("o-1", "payment", 1, delay_ms=30_000),
+    AlarmCleared("o-1"),
 ]
+
+
+def test_message_ids_name_each_attempt_of_a_command() -> None:
+    # An event is emitted once per order; a command or an alarm once per attempt.
+    assert event_id(DeliveryScheduled("o-1", tracking_id="T")) == "delivery.scheduled:o-1"
+    assert event_id(ChargePayment("o-1", 2, order=PLACED)) == "saga.payment.charge:o-1:2"
+    alarm = StepTimedOut("o-1", "stock", 3, delay_ms=1)
+    assert event_id(alarm) == "saga.timeout:o-1:stock:3"
 
 
 def test_one_instance_per_class() -> None:

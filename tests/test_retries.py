@@ -18,7 +18,8 @@ from orderflow import config
 from orderflow.config import Topology
 from orderflow.deadletter import TIME
 from orderflow.provision import provision
-from orderflow.worker import Handler, Worker, message_id
+from functions.events import event_id as message_id
+from orderflow.worker import Handler, Worker
 from tests.conftest import StartFlow
 from tests.flowkit import order
 

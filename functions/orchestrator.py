@@ -1,0 +1,211 @@
+"""orchestrator: drive each order as a saga: payment, then stock, then delivery.
+
+The other style of the same flow (``--mode orchestration``). Instead of each
+function reacting to the others' events, the orchestrator sends one command
+at a time (``saga.<function>.<verb>``) and waits for the function's answer,
+which is the very event the function publishes in choreography:
+
+    payment ──succeeded──> stock ──reserved──> delivery ──scheduled──> completed
+       │ failed              │ unavailable
+       v                     v
+    cancelled             refund ──refunded──> cancelled
+
+A step with no answer within its deadline is sent again (a new attempt); a
+payment or stock step that still has none after its attempts is compensated
+in reverse: a silent stock step is *released* (it may yet have reserved),
+then the payment is *refunded*. Refund, release and delivery are never given
+up: they are sent again every deadline until they answer.
+
+State: the ``sagas`` bucket, ``saga.<ID>`` -> :class:`Saga`, written by
+compare-and-set *before* the commands go out. ``last`` names the input that
+produced the current state: its redelivery (the process died between commit
+and publish) sends the same commands again, with the same message ids, which
+the stream drops if they did get out. Any other late or repeated input finds
+a state it does not apply to and sends nothing. So killing the orchestrator
+anywhere loses no step and repeats none.
+
+Deadlines are :class:`StepTimedOut` alarms the orchestrator emits beside each
+command; the runner has the server deliver them later. Nothing here reads a
+clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import msgspec
+
+from functions.events import (
+    AlarmCleared,
+    ChargePayment,
+    DeliveryScheduled,
+    Event,
+    OrderCancelled,
+    OrderCompleted,
+    OrderCreated,
+    PaymentFailed,
+    PaymentRefunded,
+    PaymentSucceeded,
+    RefundPayment,
+    ReleaseStock,
+    ReserveStock,
+    ScheduleDelivery,
+    StepTimedOut,
+    StockReleased,
+    StockReserved,
+    StockUnavailable,
+    subject_of,
+)
+from functions.state import Store, Write, optimistically
+
+Step = Literal["payment", "stock", "delivery", "release", "refund", "done"]
+STEPS: tuple[Step, ...] = ("payment", "stock", "delivery", "release", "refund")
+
+
+class StepPolicy(msgspec.Struct, frozen=True):
+    """How long one step may stay silent, and what then."""
+
+    timeout_ms: int
+    #: ``retry``: send again every ``timeout_ms``, forever. ``compensate``:
+    #: send again until ``attempts`` went unanswered, then undo what is done.
+    on_timeout: Literal["retry", "compensate"] = "retry"
+    attempts: int = 3
+
+
+Policy = Mapping[Step, StepPolicy]
+
+
+class Saga(msgspec.Struct, frozen=True):
+    order: OrderCreated
+    step: Step = "payment"
+    attempt: int = 1
+    charge: PaymentSucceeded | None = None
+    reservation: StockReserved | None = None
+    problem: str = ""
+    outcome: Literal["open", "completed", "cancelled"] = "open"
+    tracking_id: str = ""
+    #: the input that produced this state (see the module docstring)
+    last: str = ""
+
+
+def saga_key(order_id: str) -> str:
+    return f"saga.{order_id}"
+
+
+def input_key(event: Event) -> str:
+    """Which input an event is, for ``Saga.last``: its subject, or its alarm."""
+    if isinstance(event, StepTimedOut):
+        return f"{subject_of(StepTimedOut)}:{event.step}:{event.attempt}"
+    return subject_of(type(event))
+
+
+# --- pure decisions -----------------------------------------------------------
+
+
+def commands(saga: Saga, policy: Policy) -> list[Event]:
+    """What entering ``saga``'s current state sends: a command and its alarm, or the end."""
+    order_id, attempt = saga.order.order_id, saga.attempt
+    match saga.step:
+        case "done":
+            end: Event = (
+                OrderCompleted(order_id, tracking_id=saga.tracking_id)
+                if saga.outcome == "completed"
+                else OrderCancelled(order_id, reason=saga.problem)
+            )
+            return [end, AlarmCleared(order_id)]
+        case "payment":
+            command: Event = ChargePayment(order_id, attempt, order=saga.order)
+        case "stock":
+            command = ReserveStock(order_id, attempt, order=saga.order)
+        case "delivery":
+            assert saga.charge is not None and saga.reservation is not None
+            command = ScheduleDelivery(
+                order_id, attempt, payment=saga.charge, stock=saga.reservation
+            )
+        case "release":
+            command = ReleaseStock(order_id, attempt, reason=saga.problem)
+        case "refund":
+            command = RefundPayment(order_id, attempt, reason=saga.problem)
+    alarm = StepTimedOut(order_id, saga.step, attempt, delay_ms=policy[saga.step].timeout_ms)
+    return [command, alarm]
+
+
+def _shortage(event: StockUnavailable) -> str:
+    short = ", ".join(
+        f"{s.sku} (wanted {s.requested}, {s.available} left)" for s in event.shortages
+    )
+    return f"out of stock: {short}"
+
+
+def advance(saga: Saga, event: Event, policy: Policy) -> Saga:
+    """Pure: the saga after ``event``; the same saga if the event does not apply now."""
+    replace = msgspec.structs.replace
+
+    def to(step: Step, **changes: object) -> Saga:
+        return replace(saga, step=step, attempt=1, **changes)
+
+    match saga.step, event:
+        case "payment", PaymentSucceeded():
+            return to("stock", charge=event)
+        case "payment", PaymentFailed(reason=reason):
+            return to("done", outcome="cancelled", problem=f"payment failed: {reason}")
+        case "stock", StockReserved():
+            return to("delivery", reservation=event)
+        case "stock", StockUnavailable():
+            return to("refund", problem=_shortage(event))
+        case "delivery", DeliveryScheduled(tracking_id=tracking):
+            return to("done", outcome="completed", tracking_id=tracking)
+        # Compensating: a late answer to the step that timed out tells us
+        # whether there is anything to undo.
+        case "release", StockReleased() | StockUnavailable():
+            return to("refund")
+        case "refund", PaymentRefunded() | PaymentFailed():
+            return to("done", outcome="cancelled")
+        case step, StepTimedOut() if (
+            step != "done" and event.step == step and event.attempt == saga.attempt
+        ):
+            rule = policy[step]
+            if rule.on_timeout == "retry" or saga.attempt < rule.attempts:
+                return replace(saga, attempt=saga.attempt + 1)
+            problem = f"{step} did not answer {saga.attempt} attempts of {rule.timeout_ms} ms"
+            # Undo in reverse: stock may have reserved after all; payment may have charged.
+            return to("release" if step == "stock" else "refund", problem=problem)
+    return saga
+
+
+def decide(saga: Saga | None, event: Event, policy: Policy) -> tuple[Saga | None, list[Event]]:
+    """Pure: the new saga (``None``: nothing to record) and what to send."""
+    key = input_key(event)
+    if saga is None:
+        if not isinstance(event, OrderCreated):
+            # An answer with no saga: not an order we drive (or its saga was
+            # lost, which compare-and-set prevents). Nothing to do.
+            return None, []
+        started = Saga(order=event, last=key)
+        return started, commands(started, policy)
+    after = advance(saga, event, policy)
+    if after == saga:
+        # Already applied: resend only if it was the last input (the sends
+        # may have died with the process that committed it).
+        return None, commands(saga, policy) if saga.last == key else []
+    after = msgspec.structs.replace(after, last=key)
+    return after, commands(after, policy)
+
+
+# --- the handler ------------------------------------------------------------
+
+
+async def handle(event: Event, store: Store, policy: Policy) -> Sequence[Event]:
+    key = saga_key(event.order_id)
+
+    async def attempt() -> list[Event] | None:
+        current = await store.get(key, Saga)
+        saga, sends = decide(current.value if current else None, event, policy)
+        if saga is None:
+            return sends
+        if not await store.commit(Write(key, saga, current.revision if current else 0)):
+            return None
+        return sends
+
+    return await optimistically(attempt)
