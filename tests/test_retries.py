@@ -13,12 +13,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent
-from functions.events import Event, PaymentSucceeded
+from functions.events import Event, PaymentSucceeded, event_id
 from orderflow import config
 from orderflow.config import Topology
 from orderflow.deadletter import TIME
 from orderflow.provision import provision
-from functions.events import event_id as message_id
 from orderflow.worker import Handler, Worker
 from tests.conftest import StartFlow
 from tests.flowkit import order
@@ -74,7 +73,7 @@ async def _publish_paid(nc: Client, *order_ids: str) -> None:
     js = nc.jetstream()
     for order_id in order_ids:
         event = PaymentSucceeded(order_id, 100, charge_id=f"ch-{order_id}")
-        headers = {"Nats-Msg-Id": message_id(event)}
+        headers = {"Nats-Msg-Id": event_id(event)}
         await js.publish("payments.succeeded", b'{"order_id":"%s","amount_cents":100,'
                          b'"charge_id":"ch"}' % order_id.encode(), headers=headers)  # fmt: skip
 
