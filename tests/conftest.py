@@ -69,7 +69,8 @@ async def start_flow(server: EmbeddedServer, provisioned: Client) -> AsyncIterat
     """Factory: every function as its own OS process (``runner.py run NAME``) on ``server``.
 
     ``config`` swaps in another topology file (it is provisioned first, so its
-    settings are what the server runs); ``env`` reaches the function processes.
+    settings are what the server runs); ``env`` reaches the function processes;
+    ``mode`` picks the wiring (provisioning retires the other one's consumers).
     """
     flows: list[Flow] = []
 
@@ -77,10 +78,11 @@ async def start_flow(server: EmbeddedServer, provisioned: Client) -> AsyncIterat
         replicas: dict[str, int] | None = None,
         config_path: Path | None = None,
         env: dict[str, str] | None = None,
+        mode: config.Mode = "choreography",
     ) -> Flow:
         path = config_path or ROOT / "streams.yaml"
-        topology = config.load(path)
-        if config_path is not None:
+        topology = config.load(path, mode)
+        if config_path is not None or mode != "choreography":
             await provision(provisioned, topology, path.parent)
         flow = Flow(server, provisioned, topology, path, replicas or {}, env or {})
         flows.append(flow)

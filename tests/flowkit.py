@@ -43,7 +43,9 @@ class Flow:
         self.nc = nc
         self.topology = topology
         counts = {name: replicas.get(name, 1) for name in topology.functions}
-        self.supervisor = Supervisor(server.url, config, counts, log_level="WARNING", env=env)
+        self.supervisor = Supervisor(
+            server.url, config, counts, log_level="WARNING", env=env, mode=topology.mode
+        )
         self._stop = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self.root = config.parent
