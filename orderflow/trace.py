@@ -243,11 +243,14 @@ def render(trace: Trace, now: datetime) -> str:
     head += f" ({len(trace.steps)} events, {len(trace.retries)} retries, "
     head += f"{len(trace.dead_letters)} dead letters)"
     lines = [head, ""]
-    lines.append(f"  {'at':>10}  {'event':<20} {'by':<9} {'caused by':<20} {'hop':>9}")
+    ev = max(20, *(len(s.subject) for s in trace.steps))
+    by = max(9, *(len(s.by) for s in trace.steps))
+    lines.append(f"  {'at':>10}  {'event':<{ev}} {'by':<{by}} {'caused by':<{ev}} {'hop':>9}")
     for s in trace.steps:
         hop = f"{s.hop_ms:.1f} ms" if s.hop_ms is not None else ""
         at = f"+{(s.time - t0).total_seconds() * 1000:.1f} ms"
-        lines.append(f"  {at:>10}  {s.subject:<20} {s.by:<9} {s.caused_by or '':<20} {hop:>9}")
+        cause = s.caused_by or ""
+        lines.append(f"  {at:>10}  {s.subject:<{ev}} {s.by:<{by}} {cause:<{ev}} {hop:>9}")
     for a in sorted(trace.retries + trace.dead_letters, key=lambda a: a.time):
         at = f"+{(a.time - t0).total_seconds() * 1000:.1f} ms"
         lines.append(f"  {at:>10}  {a.kind.upper()}: {a.function} on {a.subject}: {a.detail}")

@@ -101,3 +101,33 @@ def test_seconds(duration: str, expected: float) -> None:
 def test_seconds_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="30 seconds"):
         seconds("30 seconds")
+
+
+def test_both_wirings_load_from_one_file() -> None:
+    orchestration = load(STREAMS_YAML, "orchestration")
+    assert orchestration.mode == "orchestration"
+    assert set(orchestration.functions) == {"orchestrator", "payment", "stock", "delivery"}
+    # The other wiring travels along, for provision to retire its consumers.
+    assert set(orchestration.inactive) == set(load(STREAMS_YAML).functions)
+    assert load(STREAMS_YAML).inactive == orchestration.functions
+
+
+def test_an_orchestration_typo_names_its_path(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path, "durable: payment-saga", "durable: payment-saga\n          ackwait: 1s"
+    )
+    message = load_error(path)
+    assert "unknown field `ackwait`" in message
+    assert "$.orchestration.functions.payment.consumers[0]" in message
+
+
+def test_only_payment_and_stock_may_be_compensated(tmp_path: Path) -> None:
+    path = variant(tmp_path, "delivery: {timeout: 30s, on_timeout: retry}",
+                   "delivery: {timeout: 30s, on_timeout: compensate}")  # fmt: skip
+    message = load_error(path)
+    assert "orchestration.steps.delivery.on_timeout: 'compensate' is only for payment" in message
+
+
+def test_an_unknown_step_is_refused(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, "    refund: {timeout", "    refnud: {timeout"))
+    assert "unknown field `refnud` - at `$.orchestration.steps`" in message
