@@ -35,7 +35,15 @@ import msgspec
 from nats.aio.client import Client
 
 from functions.errors import Permanent
-from functions.events import AnyOrderId, Event, OrderRejected, event_id, subject_of
+from functions.events import (
+    AlarmCleared,
+    AnyOrderId,
+    Event,
+    OrderRejected,
+    StepTimedOut,
+    event_id,
+    subject_of,
+)
 from functions.state import MemoryStore, Store
 from orderflow.bindings import build_handler
 from orderflow.config import Topology, load_inventory, subject_matches
@@ -121,7 +129,7 @@ class OfflineResult:
 async def run_offline(
     inputs: list[Recorded], topology: Topology, base: Path, attempts: int = 20
 ) -> OfflineResult:
-    """The choreography in one process: every function, memory stores, a queue as the stream.
+    """The flow in one process: every function, memory stores, a queue as the stream.
 
     Each input is followed to the end before the next one starts, so orders
     meet the shelves in the order they were recorded. A handler that fails
@@ -147,6 +155,10 @@ async def run_offline(
     max_payload = topology.dead_letters.max_payload
 
     def publish(event: Event, event_id: str, queue: deque[tuple[str, str, bytes, int]]) -> None:
+        if isinstance(event, StepTimedOut | AlarmCleared):
+            # The orchestrator's alarms are time's doing, and no time passes
+            # here: none fires (nor is it in the recorded stream, ORDERS).
+            return
         if event_id in seen_ids:
             return
         seen_ids.add(event_id)
@@ -231,7 +243,7 @@ async def replay_live(
             server.start()
         url = into or (server.url if server else "")
         counts = dict.fromkeys(topology.functions, 1)
-        supervisor = Supervisor(url, config, counts, log_dir=Path(tmp) / "logs")
+        supervisor = Supervisor(url, config, counts, log_dir=Path(tmp) / "logs", mode=topology.mode)
         nc = await connect(url, name="orderflow-replay")
         try:
             await provision(nc, topology, config.parent)

@@ -10,13 +10,27 @@ from pathlib import Path
 import pytest
 
 from functions import delivery
-from orderflow import recording
+from orderflow import config, recording
 from orderflow.config import Topology
-from orderflow.replay import external_inputs, replay_live, replay_offline
+from orderflow.replay import (
+    external_inputs,
+    outcomes,
+    recorded_outcomes,
+    replay_live,
+    replay_offline,
+    run_offline,
+)
 from tests.conftest import ROOT
+from tests.recordings.make_recordings import mode_of
 
 RECORDINGS = sorted((ROOT / "tests" / "recordings").glob("*.jsonl"))
-SCENARIOS = {"happy", "declined", "flaky", "out_of_stock", "both_failures", "mixed_300"}
+SCENARIOS = {"happy", "declined", "flaky", "out_of_stock", "both_failures", "mixed_300",
+             "orchestration_mixed_100"}  # fmt: skip
+
+
+def wired(path: Path) -> Topology:
+    """The topology a recording was made with (make_recordings.py: by its name)."""
+    return config.load(ROOT / "streams.yaml", mode_of(path.stem))
 
 
 def test_every_scenario_has_a_recording() -> None:
@@ -24,20 +38,18 @@ def test_every_scenario_has_a_recording() -> None:
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])
-async def test_offline_replay_matches_the_recording(path: Path, topology: Topology) -> None:
+async def test_offline_replay_matches_the_recording(path: Path) -> None:
     records = recording.read(path)
-    result = await replay_offline(records, topology, ROOT)
+    result = await replay_offline(records, wired(path), ROOT)
     assert result.ok, result.render()
     assert result.orders == result.same == len(external_inputs(records))
 
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=[p.stem for p in RECORDINGS])
-async def test_live_replay_on_a_fresh_server_matches_the_recording(
-    path: Path, topology: Topology
-) -> None:
+async def test_live_replay_on_a_fresh_server_matches_the_recording(path: Path) -> None:
     # Recorded on another server (tests/recordings/make_recordings.py), replayed on a new one.
     records = recording.read(path)
-    result = await replay_live(records, topology, ROOT / "streams.yaml", timeout=90)
+    result = await replay_live(records, wired(path), ROOT / "streams.yaml", timeout=90)
     assert result.ok, result.render()
     assert result.orders == len(external_inputs(records))
 
@@ -69,3 +81,23 @@ def test_replay_command_exits_non_zero_on_a_difference(tmp_path: Path) -> None:
                              check=False, env={**os.environ})  # fmt: skip
     assert changed.returncode == 1
     assert "-payments.failed" in changed.stdout and "insufficient_funds" in changed.stdout
+
+
+async def test_a_choreography_recording_ends_the_same_way_orchestrated() -> None:
+    # The same inputs through the other wiring: different events on the way,
+    # the same terminal outcome for every order.
+    records = recording.read(ROOT / "tests" / "recordings" / "mixed_300.jsonl")
+    orchestrated = await run_offline(
+        external_inputs(records), config.load(ROOT / "streams.yaml", "orchestration"), ROOT
+    )
+    recorded = recorded_outcomes(records)
+    replayed = outcomes(orchestrated.emitted)
+    assert recorded.keys() == replayed.keys()
+
+    def ends(lines: list[str]) -> list[str]:
+        return [line.split(" ", 1)[0] for line in lines if line.startswith("orders.")]
+
+    assert {o: ends(lines) for o, lines in replayed.items()} == {
+        o: ends(lines) for o, lines in recorded.items()
+    }
+    assert any("saga.payment.charge" in "".join(lines) for lines in replayed.values())

@@ -1,11 +1,12 @@
 """Make the recordings in this folder: each scenario on a fresh server, recorded with `record`.
 
-    python tests/recordings/make_recordings.py
+    python tests/recordings/make_recordings.py [NAME...]
 
 Each scenario gets its own embedded nats-server, every function as its own
 process, orders published as plain core messages (like `nats pub`), a wait
 until everything is settled, then `runner.py record` writes the ORDERS stream
 here. Rerun it after a deliberate change of behaviour, and review the diff.
+A scenario whose name starts with ``orchestration_`` runs in that mode.
 """
 
 from __future__ import annotations
@@ -48,16 +49,25 @@ SCENARIOS: dict[str, list[bytes]] = {
         b'"items":[{"sku":"BOOK-42","quantity":0,"unit_price_cents":1500}]}'
     ],
     "mixed_300": [payload(o) for _, o in make_orders(300, run_id="rec-mix", seed=300)],
+    "orchestration_mixed_100": [
+        payload(o) for _, o in make_orders(100, run_id="rec-orch", seed=100)
+    ],
 }
 
 
+def mode_of(name: str) -> config.Mode:
+    return "orchestration" if name.startswith("orchestration_") else "choreography"
+
+
 async def make(name: str, payloads: list[bytes]) -> None:
-    topology = config.load(ROOT / "streams.yaml")
+    topology = config.load(ROOT / "streams.yaml", mode_of(name))
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(Path(tmp) / "nats")
         server.start()
         counts = dict.fromkeys(topology.functions, 1)
-        supervisor = Supervisor(server.url, ROOT / "streams.yaml", counts, log_dir=Path(tmp))
+        supervisor = Supervisor(
+            server.url, ROOT / "streams.yaml", counts, log_dir=Path(tmp), mode=topology.mode
+        )
         nc = await connect(server.url, name="make-recordings")
         try:
             await provision(nc, topology, ROOT)
@@ -82,7 +92,8 @@ async def make(name: str, payloads: list[bytes]) -> None:
 
 async def main() -> None:
     for name, payloads in SCENARIOS.items():
-        await make(name, payloads)
+        if name in sys.argv[1:] or len(sys.argv) == 1:
+            await make(name, payloads)
 
 
 if __name__ == "__main__":
