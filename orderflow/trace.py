@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,7 +23,7 @@ from nats.aio.client import Client
 from functions.events import TERMINAL_SUBJECTS
 from orderflow import context as ctx
 from orderflow import deadletter as dl
-from orderflow.config import Topology, subject_matches
+from orderflow.config import Mode, Topology, subject_matches
 from orderflow.decoding import readable_order_id
 from orderflow.status import ask_all
 from orderflow.streamlog import Stored, read_stream
@@ -81,14 +82,34 @@ class Trace:
 # --- what should happen next -------------------------------------------------
 
 
-def waiting_on(subjects: set[str]) -> list[tuple[str, str, set[str]]]:
+Owing = list[tuple[str, str, set[str]]]
+
+
+def waiting_on(logged: Sequence[str], mode: Mode = "choreography") -> Owing:
     """Pure: (function, what it owes, the subjects that made it due) for an unfinished order.
 
-    This is the choreography read backwards: each rule is one reaction of
-    README's flow whose trigger is in the log and whose answer is not.
+    ``logged``: the subjects of the order's messages, in log order.
     """
-    if subjects & (TERMINAL_SUBJECTS | {"orders.rejected"}):
+    if set(logged) & (TERMINAL_SUBJECTS | {"orders.rejected"}):
         return []
+    if mode == "orchestration":
+        return _saga_waiting_on(logged)
+    return _choreography_waiting_on(set(logged))
+
+
+def _saga_waiting_on(logged: Sequence[str]) -> Owing:
+    """A saga does one thing at a time: the last command awaits its function's answer;
+    anything else awaits the orchestrator's next command."""
+    last = logged[-1]
+    if last.startswith("saga."):
+        function = last.split(".")[1]
+        return [(function, f"its answer to {last}", {last})]
+    return [("orchestrator", "the next command, or the terminal event", {last})]
+
+
+def _choreography_waiting_on(subjects: set[str]) -> Owing:
+    """The choreography read backwards: each rule is one reaction of README's
+    flow whose trigger is in the log and whose answer is not."""
     paid, failed = "payments.succeeded" in subjects, "payments.failed" in subjects
     reserved, short = "stock.reserved" in subjects, "stock.unavailable" in subjects
     owed = []
@@ -210,19 +231,25 @@ async def load(
                 )
             )
     consumers = {name: await _consumer_state(nc, topology, name) for name in topology.functions}
+    steps = {order_id: steps_of(logged) for order_id, logged in events.items()}
+    owing = {
+        order_id: waiting_on([s.subject for s in order], topology.mode)
+        for order_id, order in steps.items()
+    }
     # Instances answering the NATS micro protocol, asked only of functions owing a step.
-    owing = {f for order in events.values() for f, _, _ in waiting_on({s.subject for s in order})}
-    for name in owing:
+    for name in {f for owed in owing.values() for f, _, _ in owed if f in consumers}:
         consumers[name]["instances"] = len(await ask_all(nc, f"$SRV.PING.orderflow-{name}"))
     traces = {}
-    for order_id, logged in events.items():
-        steps = steps_of(logged)
-        subjects = {s.subject for s in steps}
+    for order_id in events:
         owed = []
-        for function, what, due_to in waiting_on(subjects):
-            since = max((s.time for s in steps if s.subject in due_to), default=steps[0].time)
-            owed.append(Owed(function, what, since, consumers[function]))
-        traces[order_id] = Trace(order_id, steps, retries[order_id], dead[order_id], owed)
+        for function, what, due_to in owing[order_id]:
+            order_steps = steps[order_id]
+            since = max(
+                (s.time for s in order_steps if s.subject in due_to),
+                default=order_steps[0].time,
+            )
+            owed.append(Owed(function, what, since, consumers.get(function, {})))
+        traces[order_id] = Trace(order_id, steps[order_id], retries[order_id], dead[order_id], owed)
     return traces
 
 

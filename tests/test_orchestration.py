@@ -16,7 +16,7 @@ from nats.aio.client import Client
 
 from functions.events import OrderCreated
 from functions.orchestrator import Saga, saga_key
-from orderflow import config
+from orderflow import config, trace
 from orderflow.gateway import ChargeRecord, RefundRecord
 from orderflow.kv import KvStore
 from orderflow.provision import ModeSwitchRefused, provision
@@ -162,6 +162,11 @@ async def test_a_silent_step_is_retried_then_compensated(
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"the saga never gave up on stock: {saga}")
+    # The log says who owes the next step: stock, with no instance running.
+    traces = await trace.load(provisioned, flow.topology, {o.order_id})
+    [owed] = traces[o.order_id].owed
+    assert (owed.function, owed.what) == ("stock", "its answer to saga.stock.release")
+    assert owed.consumer["instances"] == 0
     # Stock comes back: it reserves (late) and releases, then payment refunds.
     await start_flow(
         config_path=config_path,

@@ -47,7 +47,26 @@ def _runner(flow: Flow, *args: str) -> subprocess.CompletedProcess[str]:
 def test_waiting_on_reads_the_choreography_backwards(
     seen: set[str], owed: set[tuple[str, str]]
 ) -> None:
-    assert {(function, what) for function, what, _ in waiting_on(seen)} == owed
+    assert {(function, what) for function, what, _ in waiting_on(sorted(seen))} == owed
+
+
+@pytest.mark.parametrize(
+    ("logged", "owed"),
+    [
+        (["orders.created"], ("orchestrator", "the next command, or the terminal event")),
+        (["orders.created", "saga.payment.charge"],
+         ("payment", "its answer to saga.payment.charge")),
+        (["orders.created", "saga.payment.charge", "payments.succeeded", "saga.stock.reserve"],
+         ("stock", "its answer to saga.stock.reserve")),
+        (["orders.created", "saga.payment.charge", "payments.succeeded"],
+         ("orchestrator", "the next command, or the terminal event")),
+    ],
+)  # fmt: skip
+def test_a_saga_waits_on_whoever_has_the_last_word(
+    logged: list[str], owed: tuple[str, str]
+) -> None:
+    assert [(f, what) for f, what, _ in waiting_on(logged, "orchestration")] == [owed]
+    assert waiting_on([*logged, "orders.cancelled"], "orchestration") == []
 
 
 async def test_a_stopped_function_is_named_as_the_one_that_owes_the_next_step(
