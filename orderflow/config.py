@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from orderflow.limits import Limits, config_problems
+
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")]
 Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$")]
 
@@ -110,6 +112,8 @@ class Topology(_Config, frozen=True):
     # Where every retry is noted, so a trace can show it; none: not noted.
     retry_log: RetryLogSpec | None = None
     inventory: InventorySpec | None = None
+    # Bounds on input, tighter than the contract's (orderflow/limits.py).
+    limits: Limits = msgspec.field(default_factory=Limits)
 
     def stream(self, name: str) -> StreamSpec:
         return next(s for s in self.streams if s.name == name)
@@ -168,6 +172,8 @@ def _check(topology: Topology) -> None:
         raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
     if topology.inventory and topology.inventory.bucket not in buckets:
         raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
+    for problem in config_problems(topology.limits, topology.dead_letters.max_payload):
+        raise ConfigError(problem)
 
 
 def _convert(raw: object) -> Topology:

@@ -51,7 +51,7 @@ def _storage(kind: str) -> StorageType:
     return StorageType.FILE if kind == "file" else StorageType.MEMORY
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
+def stream_config(spec: StreamSpec, max_msg_size: int = -1) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -59,6 +59,7 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         num_replicas=spec.replicas,
         duplicate_window=seconds(spec.duplicate_window),
         max_age=seconds(spec.max_age),
+        max_msg_size=max_msg_size,
     )
 
 
@@ -117,6 +118,7 @@ _STREAM_FIELDS = (
     "max_age",
     "max_msgs_per_subject",
     "allow_atomic",
+    "max_msg_size",
 )
 _CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subjects", "max_ack_pending")
 
@@ -184,7 +186,11 @@ async def provision(nc: Client, topology: Topology, base: Path = Path(".")) -> R
     report = Report()
     js = nc.jetstream()
     for stream in topology.streams:
-        await ensure_stream(js, stream_config(stream), report)
+        # limits.max_message_bytes bounds every stream but the dead letters, which
+        # must take any message a stream accepted, plus the reason.
+        dead_letters = stream.name == topology.dead_letters.stream
+        size = -1 if dead_letters else topology.limits.max_message_bytes
+        await ensure_stream(js, stream_config(stream, size), report)
     for bucket in topology.buckets:
         await ensure_stream(js, bucket_config(bucket), report)
     for function in topology.functions:
