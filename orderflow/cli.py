@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from nats.aio.client import Client
 
@@ -101,7 +102,18 @@ def command_env(data_dir: Path = DATA_DIR) -> dict[str, str]:
     return auth.identity(admin.parent, auth.ADMIN, env)
 
 
-def _secure(args: argparse.Namespace, topology: Topology) -> tuple[Path, dict[str, str]] | None:
+class Secured(NamedTuple):
+    directory: Path  # what ``auth`` wrote
+    admin: dict[str, str]  # the environment to connect as the admin
+
+    @property
+    def server_conf(self) -> Path:
+        from orderflow import auth
+
+        return self.directory / auth.SERVER_CONF
+
+
+def _secure(args: argparse.Namespace, topology: Topology) -> Secured | None:
     """``--secure``: the server configuration (written by ``auth`` when missing) and the admin.
 
     None when not asked for; raises ConfigError with ``NATS_URL`` set (the
@@ -120,7 +132,7 @@ def _secure(args: argparse.Namespace, topology: Topology) -> tuple[Path, dict[st
     if not (directory / auth.SERVER_CONF).exists():
         auth.generate(topology, directory)
         log.warning("wrote users and permissions to %s (python runner.py auth)", directory)
-    return directory, auth.identity(directory, auth.ADMIN, dict(os.environ))
+    return Secured(directory, auth.identity(directory, auth.ADMIN, dict(os.environ)))
 
 
 def cmd_auth(args: argparse.Namespace, topology: Topology) -> int:
@@ -356,8 +368,8 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
 
     replicas = _replicas(args.replicas, topology)
     secure = _secure(args, topology)
-    with nats_server(args.data_dir, secure[0] / auth.SERVER_CONF if secure else None) as url:
-        admin = secure[1] if secure else None
+    with nats_server(args.data_dir, secure.server_conf if secure else None) as url:
+        admin = secure.admin if secure else None
         for line in asyncio.run(_provision(url, topology, args.config.parent, admin)):
             log.info("%s", line)
         supervisor = Supervisor(
@@ -365,10 +377,10 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
             args.config,
             replicas,
             log_level=args.log_level,
-            function_env=auth.function_env(secure[0], topology) if secure else None,
+            function_env=auth.function_env(secure.directory, topology) if secure else None,
         )
         supervisor.start()
-        how = f" (--secure: a user per function, from {secure[0]})" if secure else ""
+        how = f" (--secure: a user per function, from {secure.directory})" if secure else ""
         print(f"order flow up on {redact(url)}{how}: "
               f"{', '.join(f'{n} x{c}' for n, c in replicas.items())}. Ctrl-C stops.",
               file=sys.stderr)  # fmt: skip
@@ -406,8 +418,8 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow.supervisor import Supervisor
 
     secure = _secure(args, topology)
-    with nats_server(args.data_dir, secure[0] / auth.SERVER_CONF if secure else None) as url:
-        asyncio.run(_provision(url, topology, args.config.parent, secure[1] if secure else None))
+    with nats_server(args.data_dir, secure.server_conf if secure else None) as url:
+        asyncio.run(_provision(url, topology, args.config.parent, secure.admin if secure else None))
         # The functions' own logs (retries of flaky cards...) go to files, so
         # the terminal shows progress and the summary.
         supervisor = Supervisor(
@@ -416,12 +428,12 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
             _replicas(args.replicas, topology),
             log_level=args.log_level,
             log_dir=args.data_dir / "logs",
-            function_env=auth.function_env(secure[0], topology) if secure else None,
+            function_env=auth.function_env(secure.directory, topology) if secure else None,
         )
         supervisor.start()
         # --secure: orders come from the client user, who may publish them and
         # read their outcomes, nothing else.
-        client = auth.identity(secure[0], auth.CLIENT, dict(os.environ)) if secure else None
+        client = auth.identity(secure.directory, auth.CLIENT, dict(os.environ)) if secure else None
         try:
             started = time.monotonic()
             summary = asyncio.run(_demo(url, args, supervisor, client))

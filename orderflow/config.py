@@ -172,8 +172,8 @@ def _check(topology: Topology) -> None:
         raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
     if topology.inventory and topology.inventory.bucket not in buckets:
         raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
-    for problem in config_problems(topology.limits, topology.dead_letters.max_payload):
-        raise ConfigError(problem)
+    if problems := config_problems(topology.limits, topology.dead_letters.max_payload):
+        raise ConfigError("; ".join(problems))
 
 
 def _convert(raw: object) -> Topology:

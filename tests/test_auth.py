@@ -289,7 +289,10 @@ async def test_the_flow_completes_under_least_privilege(secure: Secure, topology
         assert "stock.released" in seen["sec-declined"]
         assert "payments.refunded" in seen["sec-oos"]
         assert {d.function for d in await flow.dead_letters()} == {"payment", "stock", "order"}
-        assert [s.subject for s in await flow.read("RETRIES")] == ["retries.payment"]
+        # The flaky card's retry was noted (and sec-oos's, when stock was quicker than payment).
+        notes = await flow.read("RETRIES")
+        assert {n.subject for n in notes} == {"retries.payment"}
+        assert "sec-flaky" in {msgspec.json.decode(n.data)["order_id"] for n in notes}
         # Every function answers its micro service requests through its permissions.
         current = await status.collect(secure.admin, topology)
         assert {n: f["instances"] for n, f in current["functions"].items()} == dict.fromkeys(
