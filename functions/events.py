@@ -206,6 +206,13 @@ def alarm_subject(order_id: str) -> str:
     return f"saga.alarms.{order_id}"
 
 
+def published_on(subject: str) -> str:
+    """The subject (pattern) an emitted event is published on: its own, but for alarms."""
+    if subject in ("saga.timeout", "saga.alarms.cleared"):
+        return alarm_subject("*")
+    return subject
+
+
 AnyEvent = (
     OrderCreated
     | OrderCompleted

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from nats.aio.client import Client
 
 from orderflow import config as config_mod
 from orderflow import logs
 from orderflow.config import MODES, ConfigError, Topology
-from orderflow.connect import DEFAULT_URL, connect, url_from_env
+from orderflow.connect import DEFAULT_URL, ConnectError, connect, redact, url_from_env
 from orderflow.provision import ModeSwitchRefused
 from orderflow.server import EmbeddedServer, port_is_free
 
@@ -33,18 +34,21 @@ URL_FILE = "nats.url"
 
 
 @contextmanager
-def nats_server(data_dir: Path) -> Iterator[str]:
+def nats_server(data_dir: Path, config: Path | None = None) -> Iterator[str]:
     """``NATS_URL`` when set; otherwise an embedded server storing under ``data_dir``.
 
     The embedded server takes port 4222 when it is free (so the nats CLI finds
     it without flags) and leaves its URL in ``data_dir/nats.url`` for the
-    other commands (``dlq``, ``provision``) while it runs.
+    other commands (``dlq``, ``provision``) while it runs. ``config``: a
+    nats-server configuration for it (``up --secure``).
     """
     url = url_from_env()
     if url:
         yield url
         return
-    server = EmbeddedServer(data_dir / "nats", port=4222 if port_is_free(4222) else None)
+    server = EmbeddedServer(
+        data_dir / "nats", port=4222 if port_is_free(4222) else None, config=config
+    )
     server.start()
     url_file = data_dir / URL_FILE
     url_file.write_text(server.url + "\n")
@@ -57,9 +61,14 @@ def nats_server(data_dir: Path) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def connected(name: str, url: str | None = None) -> AsyncIterator[Client]:
-    """A connection for one command, closed when it is done."""
-    nc = await connect(url or server_url(), name=f"orderflow-{name}")
+async def connected(
+    name: str, url: str | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[Client]:
+    """A connection for one command, closed when it is done.
+
+    ``env``: the connection's variables (default: ours, see :func:`command_env`).
+    """
+    nc = await connect(url or server_url(), name=f"orderflow-{name}", env=env or command_env())
     try:
         yield nc
     finally:
@@ -76,6 +85,71 @@ def server_url(data_dir: Path = DATA_DIR) -> str:
     return DEFAULT_URL
 
 
+def command_env(data_dir: Path = DATA_DIR) -> dict[str, str]:
+    """Our environment; against the embedded server of ``up --secure``, as its admin.
+
+    With no ``NATS_URL`` and no credentials of its own, a command (``status``,
+    ``dlq``...) talks to the embedded server, and uses the admin credentials
+    that ``auth`` left in the data dir (mode 0600: only their owner can) when
+    there are any. A server without authorization ignores them.
+    """
+    from orderflow import auth
+    from orderflow.connect import CREDENTIAL_VARS
+
+    env = dict(os.environ)
+    admin = data_dir / auth.AUTH_DIR / f"{auth.ADMIN}.env"
+    if url_from_env() or any(env.get(v) for v in CREDENTIAL_VARS) or not admin.exists():
+        return env
+    return auth.identity(admin.parent, auth.ADMIN, env)
+
+
+class Secured(NamedTuple):
+    directory: Path  # what ``auth`` wrote
+    admin: dict[str, str]  # the environment to connect as the admin
+
+    @property
+    def server_conf(self) -> Path:
+        from orderflow import auth
+
+        return self.directory / auth.SERVER_CONF
+
+
+def _secure(args: argparse.Namespace, topology: Topology) -> Secured | None:
+    """``--secure``: the server configuration (written by ``auth`` when missing) and the admin.
+
+    None when not asked for; raises ConfigError with ``NATS_URL`` set (the
+    configuration is for the embedded server; bring your own server's users).
+    """
+    from orderflow import auth
+
+    if not args.secure:
+        return None
+    if url_from_env():
+        raise ConfigError(
+            "--secure runs the embedded server with the users of `runner.py auth`; with "
+            "NATS_URL set, give the credentials in NATS_USER/NATS_PASSWORD (or NATS_CREDS) instead"
+        )
+    directory = args.data_dir / auth.AUTH_DIR
+    if auth.written_for(directory) != topology.mode:
+        auth.generate(topology, directory)
+        log.warning("wrote users and permissions of the %s wiring to %s (python runner.py auth)",
+                    topology.mode, directory)  # fmt: skip
+    return Secured(directory, auth.identity(directory, auth.ADMIN, dict(os.environ)))
+
+
+def cmd_auth(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import auth
+
+    directory = args.data_dir / auth.AUTH_DIR
+    written = auth.generate(topology, directory)
+    print(f"wrote {written[0]}: a nats-server configuration with users "
+          f"{', '.join(p.stem for p in written[1:])}, new passwords, max_payload "
+          f"{topology.limits.server_max_payload()}")  # fmt: skip
+    print(f"and each user's NATS_USER/NATS_PASSWORD/NATS_INBOX_PREFIX in {directory}/<user>.env "
+          "(mode 0600); restart a running `up --secure` to use them")  # fmt: skip
+    return 0
+
+
 def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
     counts = dict.fromkeys(topology.functions, 1)
     for value in values:
@@ -87,10 +161,12 @@ def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
     return counts
 
 
-async def _provision(url: str, topology: Topology, base: Path) -> list[str]:
+async def _provision(
+    url: str, topology: Topology, base: Path, env: dict[str, str] | None = None
+) -> list[str]:
     from orderflow.provision import provision
 
-    async with connected("provision", url) as nc:
+    async with connected("provision", url, env) as nc:
         return (await provision(nc, topology, base)).lines
 
 
@@ -289,19 +365,28 @@ async def _until_signalled(supervisor: object) -> None:
 
 
 def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import auth
     from orderflow.supervisor import Supervisor
 
     replicas = _replicas(args.replicas, topology)
-    with nats_server(args.data_dir) as url:
-        for line in asyncio.run(_provision(url, topology, args.config.parent)):
+    secure = _secure(args, topology)
+    with nats_server(args.data_dir, secure.server_conf if secure else None) as url:
+        admin = secure.admin if secure else None
+        for line in asyncio.run(_provision(url, topology, args.config.parent, admin)):
             log.info("%s", line)
         supervisor = Supervisor(
-            url, args.config, replicas, log_level=args.log_level, mode=topology.mode
+            url,
+            args.config,
+            replicas,
+            log_level=args.log_level,
+            function_env=auth.function_env(secure.directory, topology) if secure else None,
+            mode=topology.mode,
         )
         supervisor.start()
-        print(f"order flow up on {url} ({topology.mode}): "
-              f"{', '.join(f'{n} x{c}' for n, c in replicas.items())}. "
-              "Ctrl-C stops.", file=sys.stderr)  # fmt: skip
+        how = f" (--secure: a user per function, from {secure.directory})" if secure else ""
+        print(f"order flow up on {redact(url)} ({topology.mode}){how}: "
+              f"{', '.join(f'{n} x{c}' for n, c in replicas.items())}. Ctrl-C stops.",
+              file=sys.stderr)  # fmt: skip
         try:
             asyncio.run(_until_signalled(supervisor))
         finally:
@@ -309,14 +394,16 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
     return 0
 
 
-async def _demo(url: str, args: argparse.Namespace, supervisor: object) -> dict[str, object]:
+async def _demo(
+    url: str, args: argparse.Namespace, supervisor: object, env: dict[str, str] | None = None
+) -> dict[str, object]:
     from orderflow import demo
     from orderflow.supervisor import Supervisor
 
     assert isinstance(supervisor, Supervisor)
     stop = asyncio.Event()
     watcher = asyncio.create_task(supervisor.watch(stop))
-    nc = await connect(url, name="orderflow-demo")
+    nc = await connect(url, name="orderflow-demo", env=env)
     try:
         orders = demo.make_orders(
             args.orders, run_id=f"demo-{uuid.uuid4().hex[:8]}", seed=args.seed
@@ -330,11 +417,12 @@ async def _demo(url: str, args: argparse.Namespace, supervisor: object) -> dict[
 
 
 def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import demo
+    from orderflow import auth, demo
     from orderflow.supervisor import Supervisor
 
-    with nats_server(args.data_dir) as url:
-        asyncio.run(_provision(url, topology, args.config.parent))
+    secure = _secure(args, topology)
+    with nats_server(args.data_dir, secure.server_conf if secure else None) as url:
+        asyncio.run(_provision(url, topology, args.config.parent, secure.admin if secure else None))
         # The functions' own logs (retries of flaky cards...) go to files, so
         # the terminal shows progress and the summary.
         supervisor = Supervisor(
@@ -344,11 +432,15 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
             log_level=args.log_level,
             log_dir=args.data_dir / "logs",
             mode=topology.mode,
+            function_env=auth.function_env(secure.directory, topology) if secure else None,
         )
         supervisor.start()
+        # --secure: orders come from the client user, who may publish them and
+        # read their outcomes, nothing else.
+        client = auth.identity(secure.directory, auth.CLIENT, dict(os.environ)) if secure else None
         try:
             started = time.monotonic()
-            summary = asyncio.run(_demo(url, args, supervisor))
+            summary = asyncio.run(_demo(url, args, supervisor, client))
         finally:
             supervisor.stop()
     if args.json:
@@ -380,6 +472,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("provision", help="create or update streams, consumers and buckets (NATS_URL)")
+
+    au = sub.add_parser("auth", help="a nats-server config: a user per function, least privilege")
+    au.add_argument("--data-dir", type=Path, default=DATA_DIR, help="writes DATA_DIR/auth/")
 
     run = sub.add_parser("run", help="run one function as this process")
     run.add_argument("function")
@@ -433,6 +528,9 @@ def parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--data-dir", type=Path, default=DATA_DIR, help="embedded server's store")
         cmd.add_argument("--replicas", action="append", default=[], metavar="FUNCTION=N")
+        cmd.add_argument(
+            "--secure", action="store_true", help="embedded server with the users of `auth`"
+        )
         if name == "demo":
             cmd.add_argument("--orders", type=int, default=1000)
             cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
@@ -448,6 +546,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "provision": cmd_provision,
+    "auth": cmd_auth,
     "run": cmd_run,
     "up": cmd_up,
     "demo": cmd_demo,
@@ -475,3 +574,6 @@ def main(argv: list[str] | None = None) -> int:
     except ModeSwitchRefused as exc:
         print(f"provision: {exc}", file=sys.stderr)
         return 2
+    except ConnectError as exc:
+        print(f"cannot connect: {exc}", file=sys.stderr)
+        return 1

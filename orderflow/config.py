@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from orderflow.limits import Limits, config_problems
+
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")]
 Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$")]
 
@@ -152,6 +154,8 @@ class Topology(_Config, frozen=True):
     # Set by load(), not in the file: the functions of the wiring that is not
     # running, whose consumers provision retires.
     inactive: dict[Name, FunctionSpec] = {}
+    # Bounds on input, tighter than the contract's (orderflow/limits.py).
+    limits: Limits = msgspec.field(default_factory=Limits)
 
     def stream(self, name: str) -> StreamSpec:
         return next(s for s in self.streams if s.name == name)
@@ -192,6 +196,8 @@ def _check(topology: Topology) -> None:
     buckets = {b.name for b in topology.buckets}
     if topology.inventory and topology.inventory.bucket not in buckets:
         raise ConfigError(f"inventory.bucket: no bucket named {topology.inventory.bucket!r}")
+    if problems := config_problems(topology.limits, topology.dead_letters.max_payload):
+        raise ConfigError("; ".join(problems))
 
 
 def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at: str) -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import msgspec
 
 from functions.events import EVENT_TYPES, AnyOrderId, Event
+from orderflow import limits as limits_mod
+from orderflow.limits import Limits
 
 _decoders = {subject: msgspec.json.Decoder(cls) for subject, cls in EVENT_TYPES.items()}
 _order_id = msgspec.json.Decoder(AnyOrderId)
@@ -23,7 +25,9 @@ class Invalid:
     rejectable: bool = True
 
 
-def decode(subject: str, data: bytes, max_payload: int) -> Event | Invalid:
+def decode(
+    subject: str, data: bytes, max_payload: int, limits: Limits | None = None
+) -> Event | Invalid:
     if len(data) > max_payload:
         return Invalid(f"payload of {len(data)} bytes exceeds max_payload {max_payload}")
     decoder = _decoders.get(subject)
@@ -36,6 +40,8 @@ def decode(subject: str, data: bytes, max_payload: int) -> Event | Invalid:
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
         return Invalid(f"{subject} is not valid JSON: {exc}")
+    if limits is not None and (over := limits_mod.check(event, limits)) is not None:
+        return Invalid(f"{subject} over limits: {over}")
     return event
 
 

@@ -51,7 +51,7 @@ def _storage(kind: str) -> StorageType:
     return StorageType.FILE if kind == "file" else StorageType.MEMORY
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
+def stream_config(spec: StreamSpec, max_msg_size: int = -1) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -62,6 +62,7 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         allow_msg_schedules=spec.allow_msg_schedules or None,
         allow_rollup_hdrs=spec.allow_rollup,
         allow_msg_ttl=spec.allow_msg_ttl or None,
+        max_msg_size=max_msg_size,
     )
 
 
@@ -125,6 +126,7 @@ _STREAM_FIELDS = (
     "allow_msg_schedules",
     "allow_rollup_hdrs",
     "allow_msg_ttl",
+    "max_msg_size",
 )
 _CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subjects", "max_ack_pending")
 
@@ -242,7 +244,11 @@ async def provision(nc: Client, topology: Topology, base: Path = Path(".")) -> R
     report = Report()
     js = nc.jetstream()
     for stream in topology.streams:
-        await ensure_stream(js, stream_config(stream), report)
+        # limits.max_message_bytes bounds every stream but the dead letters, which
+        # must take any message a stream accepted, plus the reason.
+        dead_letters = stream.name == topology.dead_letters.stream
+        size = -1 if dead_letters else topology.limits.max_message_bytes
+        await ensure_stream(js, stream_config(stream, size), report)
     for bucket in topology.buckets:
         await ensure_stream(js, bucket_config(bucket), report)
     start_after = await retire_inactive(nc, topology, report)

@@ -170,7 +170,7 @@ async def run_offline(
         queue = deque((name, record.subject, record.data, 1) for name in readers(record.subject))
         while queue:
             name, subject, data, attempt = queue.popleft()
-            event = decode(subject, data, max_payload)
+            event = decode(subject, data, max_payload, topology.limits)
             if isinstance(event, Invalid):
                 order_id = readable_order_id(data)
                 rejects = subject in topology.functions[name].reject_invalid

@@ -62,9 +62,14 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
 class EmbeddedServer:
     """One nats-server process with JetStream, on loopback, storing under ``store_dir``."""
 
-    def __init__(self, store_dir: str | Path, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: str | Path, port: int | None = None, config: Path | None = None
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
+        # A nats-server configuration file (``runner.py auth`` writes one); the
+        # flags below (JetStream, loopback, port, store) take precedence over it.
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,7 +80,8 @@ class EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
-            [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)],
+            [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
+            + (["-c", str(self.config)] if self.config is not None else []),
             stdout=log,
             stderr=log,
             # Its own process group: Ctrl-C in a terminal reaches us, and we stop it last.

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orderflow.connect import CREDENTIAL_VARS
+
 log = logging.getLogger("orderflow.supervisor")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +52,7 @@ class Supervisor:
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
         mode: str = "choreography",
+        function_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.url = url
         self.mode = mode
@@ -58,6 +61,9 @@ class Supervisor:
         self.grace = grace
         self.log_dir = log_dir
         self.env = env or {}
+        # Per function: its own identity (``up --secure``: its user and password,
+        # in the environment, never on the command line where ``ps`` shows it).
+        self.function_env = function_env or {}
         self.children = [
             Child(name, replica) for name, count in functions.items() for replica in range(count)
         ]
@@ -69,6 +75,10 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, **self.env, "NATS_URL": self.url}
+        if child.function in self.function_env:
+            for name in (*CREDENTIAL_VARS, "NATS_INBOX_PREFIX"):
+                env.pop(name, None)
+            env.update(self.function_env[child.function])
         output = None
         if self.log_dir is not None:
             # Each child appends to its own file; closing our handle is safe.

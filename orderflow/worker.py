@@ -4,7 +4,7 @@ For every message, in this order:
 
 1. delivered more often than the function allows -> dead letter (the processes
    handling it kept dying: a poison message must not crash-loop forever);
-2. too large, undecodable or invalid -> dead letter at once (retrying cannot
+2. too large, undecodable, invalid or over ``limits`` -> dead letter at once (retrying cannot
    fix bytes), and an ``orders.rejected`` where the function answers those;
 3. call the handler with the decoded Struct;
 4. publish what it returned, each event with a deterministic ``Nats-Msg-Id``
@@ -90,6 +90,7 @@ class Worker:
         self.handler = handler
         self.dead_letters = DeadLetters(nc, topology.dead_letters, function)
         self.max_payload = topology.dead_letters.max_payload
+        self.limits = topology.limits
         self.retry_log = topology.retry_log
         self.counters = Counters()
 
@@ -166,7 +167,7 @@ class Worker:
             )
             await self._dead_letter(msg, reason)
             return
-        event = decode(msg.subject, msg.data, self.max_payload)
+        event = decode(msg.subject, msg.data, self.max_payload, self.limits)
         if isinstance(event, Invalid):
             if event.rejectable:
                 await self._reject(msg, event.reason)

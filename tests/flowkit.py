@@ -38,13 +38,20 @@ class Flow:
         config: Path,
         replicas: dict[str, int],
         env: dict[str, str],
+        function_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.server = server
         self.nc = nc
         self.topology = topology
         counts = {name: replicas.get(name, 1) for name in topology.functions}
         self.supervisor = Supervisor(
-            server.url, config, counts, log_level="WARNING", env=env, mode=topology.mode
+            server.url,
+            config,
+            counts,
+            log_level="WARNING",
+            env=env,
+            function_env=function_env,
+            mode=topology.mode,
         )
         self._stop = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
