@@ -181,6 +181,9 @@ class ModeResult:
     cpu_server_ms_per_order: float = 0.0
     cpu_functions_ms_per_order: float = 0.0
     cpu_by_function_ms_per_order: dict[str, float] = field(default_factory=dict)
+    # The machine's CPU used by other programs during those orders, % of all CPUs:
+    # above a few percent, the run shared the machine and its speed says little.
+    machine_other_pct: float = 0.0
     log_entries_median: float = 0.0
     log_entries_max: int = 0
     log_entries_by_path: dict[str, float] = field(default_factory=dict)
@@ -192,6 +195,7 @@ class ModeResult:
     outages: list[Outage] = field(default_factory=list)
     processes_died: int = 0
     outcomes: dict[str, str] = field(default_factory=dict)  # order id -> completed/cancelled
+    reasons: dict[str, str] = field(default_factory=dict)  # order id -> why it was cancelled
 
 
 def cpu_seconds(pid: int) -> float:
@@ -202,6 +206,11 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _machine_ticks() -> list[int]:
+    """All CPUs' time so far, from /proc/stat: user nice system idle iowait irq softirq steal."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
 def _median(values: Iterable[float]) -> float:
@@ -252,6 +261,7 @@ async def _delivered(nc: Client, topology: Topology) -> int:
 def _cpu(server_pid: int, supervisor: Supervisor, functions: Iterable[str]) -> dict[str, float]:
     out = {name: sum(cpu_seconds(p) for p in supervisor.pids(name)) for name in functions}
     out["(server)"] = cpu_seconds(server_pid)
+    out["(driver)"] = cpu_seconds(os.getpid())
     return out
 
 
@@ -379,6 +389,9 @@ async def _explain(
         (hops_happy if t.outcome == "completed" else hops_cancelled).append(_hops(t.steps))
         if t.outcome:
             result.outcomes[order_id] = t.outcome
+            end = next(s for s in t.steps if s.subject in TERMINAL_SUBJECTS)
+            if isinstance(end.payload, dict) and end.payload.get("reason"):
+                result.reasons[order_id] = str(end.payload["reason"])
     n = max(len(traces), 1)
     result.events_per_order = round(sum(events) / n, 2)
     result.commands_per_order = round(sum(commands) / n, 2)
@@ -493,9 +506,11 @@ async def _measure(
         mixed = demo.make_orders(settings.orders, run_id=run_id, seed=settings.seed)
         appended, delivered = await _appended(nc, topology), await _delivered(nc, topology)
         cpu = _cpu(server_pid, supervisor, topology.functions)
+        ticks = _machine_ticks()
         summary = await demo.run_orders(nc, mixed, timeout=settings.timeout)
         await wait_until_quiet(nc, topology, timeout=settings.timeout, settle=0.2)
         cpu_after = _cpu(server_pid, supervisor, topology.functions)
+        ticks = [b - a for a, b in zip(ticks, _machine_ticks(), strict=True)]
         appended_after = await _appended(nc, topology)
         delivered_after = await _delivered(nc, topology)
 
@@ -515,8 +530,12 @@ async def _measure(
         result.deliveries_per_order = round((delivered_after - delivered) / n, 2)
         used = {name: cpu_after[name] - cpu[name] for name in cpu}
         result.cpu_server_ms_per_order = round(used.pop("(server)") / n * 1000, 2)
+        used.pop("(driver)")
         result.cpu_by_function_ms_per_order = {k: round(v / n * 1000, 2) for k, v in used.items()}
         result.cpu_functions_ms_per_order = round(sum(used.values()) / n * 1000, 2)
+        total, idle = sum(ticks) or 1, ticks[3] + ticks[4]  # idle + iowait
+        ours = (sum(cpu_after.values()) - sum(cpu.values())) * CLOCK_TICKS
+        result.machine_other_pct = round(100 * max(0, total - idle - ours) / total, 1)
 
         say(f"{mode}: reading the log")
         await _explain(nc, topology, {o.order_id: p for p, o in mixed}, result)
@@ -593,6 +612,8 @@ class Comparison:
     modes: dict[str, ModeResult]
     #: order ids whose outcome is not the same in every mode (or missing in one)
     differences: list[str]
+    #: cancelled in both, for reasons worded differently: order id -> reason per mode
+    reasons_differ: dict[str, list[str]]
     elapsed_s: float
 
     @property
@@ -650,7 +671,14 @@ def run(config_path: Path, settings: Settings, progress: bool = False) -> Compar
     outcomes = [m.outcomes for m in modes.values()]
     every = set().union(*outcomes)
     differences = sorted(o for o in every if len({oc.get(o) for oc in outcomes}) > 1)
-    return Comparison(info, settings, modes, differences, round(time.monotonic() - started, 1))
+    reasons = [m.reasons for m in modes.values()]
+    other_reasons = {
+        o: [r.get(o, "") for r in reasons]
+        for o in sorted(set().union(*reasons))
+        if len({r.get(o) for r in reasons}) > 1
+    }
+    elapsed = round(time.monotonic() - started, 1)
+    return Comparison(info, settings, modes, differences, other_reasons, elapsed)
 
 
 def as_json(comparison: Comparison) -> dict[str, Any]:
@@ -758,6 +786,8 @@ def rows(comparison: Comparison) -> list[tuple[str, ...]]:
          _ratio(c.orders_per_s, o.orders_per_s)),
         ("  latency p50 / p99, ms", *both(lambda m: f"{m.p50_ms:.0f} / {m.p99_ms:.0f}"),
          "mostly queueing"),
+        ("  CPU used by other programs meanwhile", *both(lambda m: f"{m.machine_other_pct:g} %"),
+         "high: speed rows are noise"),
         (f"latency p50 / p99 at {s.rate:g} orders/s, ms",
          *both(lambda m: f"{m.paced_p50_ms:.0f} / {m.paced_p99_ms:.0f}"),
          _ratio(c.paced_p50_ms, o.paced_p50_ms) + " p50"),
@@ -811,6 +841,12 @@ def render(comparison: Comparison) -> str:
         "delivery event) while it was down. Messages the killed process held come back after "
         "the consumer's ack_wait.",
     ]
+    if comparison.reasons_differ:
+        order_id, said = next(iter(comparison.reasons_differ.items()))
+        lines.append(
+            f"{len(comparison.reasons_differ)} orders were cancelled in both modes for reasons "
+            f"told differently, e.g. {order_id}: " + " | ".join(repr(r) for r in said)
+        )
     if comparison.differences:
         lines.append(f"OUTCOMES DIFFER for {len(comparison.differences)} orders, e.g. "
                      f"{', '.join(comparison.differences[:5])}")  # fmt: skip

@@ -50,6 +50,9 @@ def test_compare_both_modes() -> None:
     assert chor.outcomes == orch.outcomes and not result.differences
     assert set(chor.outcomes.values()) == {"completed", "cancelled"}
     assert result.ok
+    # The saga stops at the first failure, so its reason is the first of choreography's.
+    for chor_reason, orch_reason in result.reasons_differ.values():
+        assert chor_reason.startswith(orch_reason), (chor_reason, orch_reason)
 
     # The orchestrator's commands are extra messages: more in ORDERS per order.
     assert chor.commands_per_order == 0 < orch.commands_per_order
