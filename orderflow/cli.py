@@ -370,6 +370,7 @@ def cmd_compare(args: argparse.Namespace, topology: Topology) -> int:
         rate=args.rate,
         outage_s=seconds(args.outage),
         timeout=args.timeout,
+        repeat=args.repeat,
         stop=compare.stops(args.config, args.stop),
     )
     progress = sys.stderr.isatty() and not args.json
@@ -449,6 +450,7 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--outage", default="3s", metavar="DURATION", help="how long each is down")
     cmp.add_argument("--rate", type=float, default=20.0, help="orders/s around each outage")
     cmp.add_argument("--stop", metavar="F,F", help="functions to stop (default: every one)")
+    cmp.add_argument("--repeat", type=int, default=1, help="speed runs per mode (median)")
     cmp.add_argument("--seed", type=int, default=42)
     cmp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per phase")
     cmp.add_argument("--json", action="store_true", help="one JSON object")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import statistics
@@ -81,6 +82,7 @@ class Settings:
     tail_s: float = 1.0  # steady orders after the restart
     warmup: int = 20  # unmeasured orders first: imports, connections, first KV reads
     timeout: float = 60.0  # the longest any phase waits for its orders
+    repeat: int = 1  # speed runs per mode, interleaved; the table shows medians
     # Functions to stop, per mode (default: every function of the mode).
     stop: dict[str, list[str]] = field(default_factory=dict)
 
@@ -157,6 +159,19 @@ class Outage:
     max_latency_s: float
 
 
+#: What is measured again on every --repeat: what the machine's other load disturbs.
+SPEED = (
+    "orders_per_s",
+    "p50_ms",
+    "p99_ms",
+    "paced_p50_ms",
+    "paced_p99_ms",
+    "cpu_server_ms_per_order",
+    "cpu_functions_ms_per_order",
+    "machine_other_pct",
+)
+
+
 @dataclass
 class ModeResult:
     mode: str
@@ -184,6 +199,8 @@ class ModeResult:
     # The machine's CPU used by other programs during those orders, % of all CPUs:
     # above a few percent, the run shared the machine and its speed says little.
     machine_other_pct: float = 0.0
+    #: each speed measure (SPEED) of every run of this mode (--repeat); the fields hold medians
+    runs: dict[str, list[float]] = field(default_factory=dict)
     log_entries_median: float = 0.0
     log_entries_max: int = 0
     log_entries_by_path: dict[str, float] = field(default_factory=dict)
@@ -439,10 +456,16 @@ async def _outage(
         stranded = 0
         for spec in supervisor_consumers:
             stranded += (await js.consumer_info(spec.stream, spec.durable)).num_ack_pending or 0
-        # check() notes the dead child, then starts it again.
-        while len(supervisor.pids(function)) < count:
-            supervisor.check()
-            await asyncio.sleep(0.02)
+        # check() notes the dead child (a warning we caused: not shown), then starts it again.
+        quiet = logging.getLogger("orderflow.supervisor")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            while len(supervisor.pids(function)) < count:
+                supervisor.check()
+                await asyncio.sleep(0.02)
+        finally:
+            quiet.setLevel(level)
         restarted, restarted_wall = time.monotonic(), datetime.now(UTC)
         published_while_down = {
             oid for oid, at in tally.published.items() if killed <= at < restarted
@@ -491,6 +514,7 @@ async def _measure(
     settings: Settings,
     run_id: str,
     say: Say,
+    full: bool,
 ) -> ModeResult:
     mode = topology.mode
     result = ModeResult(mode=mode, orders=settings.orders)
@@ -506,11 +530,10 @@ async def _measure(
         mixed = demo.make_orders(settings.orders, run_id=run_id, seed=settings.seed)
         appended, delivered = await _appended(nc, topology), await _delivered(nc, topology)
         cpu = _cpu(server_pid, supervisor, topology.functions)
-        ticks = _machine_ticks()
+        ticks = _machine_ticks()  # until the end of the paced run: both measure speed
         summary = await demo.run_orders(nc, mixed, timeout=settings.timeout)
         await wait_until_quiet(nc, topology, timeout=settings.timeout, settle=0.2)
         cpu_after = _cpu(server_pid, supervisor, topology.functions)
-        ticks = [b - a for a, b in zip(ticks, _machine_ticks(), strict=True)]
         appended_after = await _appended(nc, topology)
         delivered_after = await _delivered(nc, topology)
 
@@ -533,20 +556,27 @@ async def _measure(
         used.pop("(driver)")
         result.cpu_by_function_ms_per_order = {k: round(v / n * 1000, 2) for k, v in used.items()}
         result.cpu_functions_ms_per_order = round(sum(used.values()) / n * 1000, 2)
-        total, idle = sum(ticks) or 1, ticks[3] + ticks[4]  # idle + iowait
-        ours = (sum(cpu_after.values()) - sum(cpu.values())) * CLOCK_TICKS
-        result.machine_other_pct = round(100 * max(0, total - idle - ours) / total, 1)
-
-        say(f"{mode}: reading the log")
-        await _explain(nc, topology, {o.order_id: p for p, o in mixed}, result)
 
         if settings.paced:
             say(f"{mode}: {settings.paced} orders at {settings.rate:g}/s")
             paced = demo.make_orders(settings.paced, run_id=f"{run_id}-paced", seed=settings.seed)
             latencies = await _paced(nc, [o for _, o in paced], settings.rate, settings.timeout)
+            result.unfinished += settings.paced - len(latencies)
             result.paced_rate = settings.rate
             result.paced_p50_ms = round(demo.percentile(latencies, 50), 1)
             result.paced_p99_ms = round(demo.percentile(latencies, 99), 1)
+        ticks = [b - a for a, b in zip(ticks, _machine_ticks(), strict=True)]
+        total, idle = sum(ticks) or 1, ticks[3] + ticks[4]  # idle + iowait
+        ours = sum(_cpu(server_pid, supervisor, topology.functions).values()) - sum(cpu.values())
+        result.machine_other_pct = round(100 * max(0, total - idle - ours * CLOCK_TICKS) / total, 1)
+        for name in SPEED:
+            result.runs[name] = [getattr(result, name)]
+        if not full:
+            result.processes_died = len(supervisor.children) - len(supervisor.pids())
+            return result
+
+        say(f"{mode}: reading the log")
+        await _explain(nc, topology, {o.order_id: p for p, o in mixed}, result)
 
         window = settings.lead_s + settings.outage_s + settings.tail_s
         steady = max(1, round(settings.rate * window))
@@ -564,8 +594,13 @@ async def _measure(
     return result
 
 
-def run_mode(config_path: Path, mode: str, settings: Settings, run_id: str, say: Say) -> ModeResult:
-    """One mode on its own fresh server; every process is stopped on the way out."""
+def run_mode(
+    config_path: Path, mode: str, settings: Settings, run_id: str, say: Say, full: bool = True
+) -> ModeResult:
+    """One mode on its own fresh server; every process is stopped on the way out.
+
+    Not ``full``: only the speed measures (SPEED), for another repetition.
+    """
     topology = config_mod.load(config_path, mode)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix=f"orderflow-compare-{mode}-") as tmp:
         server = EmbeddedServer(Path(tmp) / "nats")
@@ -584,7 +619,7 @@ def run_mode(config_path: Path, mode: str, settings: Settings, run_id: str, say:
             try:
                 result = asyncio.run(
                     _measure(server.url, topology, supervisor, server.process.pid, settings,
-                             run_id, say)
+                             run_id, say, full)
                 )  # fmt: skip
             finally:
                 supervisor.stop()
@@ -667,6 +702,18 @@ def run(config_path: Path, settings: Settings, progress: bool = False) -> Compar
     modes: dict[str, ModeResult] = {
         mode: run_mode(config_path, mode, settings, run_id, say) for mode in MODES
     }
+    for again in range(1, settings.repeat):
+        for mode, result in modes.items():  # interleaved: a change in load hits both
+            say(f"repetition {again + 1} of {settings.repeat}")
+            extra = run_mode(config_path, mode, settings, f"{run_id}-{again}", say, full=False)
+            result.unfinished += extra.unfinished
+            result.duplicate_terminal_events += extra.duplicate_terminal_events
+            result.processes_died += extra.processes_died
+            for name in SPEED:
+                result.runs[name] += extra.runs[name]
+    for result in modes.values():
+        for name in SPEED:
+            setattr(result, name, round(statistics.median(result.runs[name]), 2))
     info["load_after"] = list(os.getloadavg())
     outcomes = [m.outcomes for m in modes.values()]
     every = set().union(*outcomes)
@@ -757,6 +804,12 @@ def rows(comparison: Comparison) -> list[tuple[str, ...]]:
     def both(value: Callable[[ModeResult], object]) -> tuple[str, str]:
         return str(value(c)), str(value(o))
 
+    def spread(m: ModeResult, name: str) -> str:
+        """The median, and with --repeat the lowest and highest run."""
+        runs = m.runs.get(name, [])
+        value = f"{getattr(m, name):.0f}"
+        return value + (f" ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else "")
+
     def busiest(m: ModeResult) -> str:
         name = max(m.cpu_by_function_ms_per_order, key=lambda k: m.cpu_by_function_ms_per_order[k])
         most = m.cpu_by_function_ms_per_order[name]
@@ -782,14 +835,14 @@ def rows(comparison: Comparison) -> list[tuple[str, ...]]:
         return ", ".join(m.coupling.new_step_changes) or "none"
 
     table: list[tuple[str, ...]] = [
-        (f"orders/s, {s.orders} orders at once", *both(lambda m: m.orders_per_s),
+        (f"orders/s, {s.orders} orders at once", *both(lambda m: spread(m, "orders_per_s")),
          _ratio(c.orders_per_s, o.orders_per_s)),
         ("  latency p50 / p99, ms", *both(lambda m: f"{m.p50_ms:.0f} / {m.p99_ms:.0f}"),
          "mostly queueing"),
         ("  CPU used by other programs meanwhile", *both(lambda m: f"{m.machine_other_pct:g} %"),
          "high: speed rows are noise"),
         (f"latency p50 / p99 at {s.rate:g} orders/s, ms",
-         *both(lambda m: f"{m.paced_p50_ms:.0f} / {m.paced_p99_ms:.0f}"),
+         *both(lambda m: f"{spread(m, 'paced_p50_ms')} / {m.paced_p99_ms:.0f}"),
          _ratio(c.paced_p50_ms, o.paced_p50_ms) + " p50"),
         ("causal hops to completed / cancelled",
          *both(lambda m: f"{m.hops_happy:g} / {m.hops_cancelled:g}"), "median"),
@@ -835,7 +888,13 @@ def render(comparison: Comparison) -> str:
         + (f"{load[0]:.2f}" if isinstance(load, list) else "?"),
         f"{s.orders} orders at once (seed {s.seed}), {s.paced} at {s.rate:g}/s, then each "
         f"function SIGKILLed for {s.outage_s:g} s under {s.rate:g} orders/s; "
-        f"{comparison.elapsed_s:g} s in all.",
+        f"{comparison.elapsed_s:g} s in all."
+        + (
+            f" Speed and CPU rows: median of {s.repeat} runs per mode, interleaved, "
+            "(lowest-highest)."
+            if s.repeat > 1
+            else ""
+        ),
         "Outage rows count the orders unfinished at the kill or published while it was down; "
         "'moved meanwhile': another function stored work for the order (a payments, stock or "
         "delivery event) while it was down. Messages the killed process held come back after "
