@@ -840,7 +840,7 @@ def rows(comparison: Comparison) -> list[tuple[str, ...]]:
         ("  latency p50 / p99, ms", *both(lambda m: f"{m.p50_ms:.0f} / {m.p99_ms:.0f}"),
          "mostly queueing"),
         ("  CPU used by other programs meanwhile", *both(lambda m: f"{m.machine_other_pct:g} %"),
-         "high: speed rows are noise"),
+         "above ~15 %: noise"),
         (f"latency p50 / p99 at {s.rate:g} orders/s, ms",
          *both(lambda m: f"{spread(m, 'paced_p50_ms')} / {m.paced_p99_ms:.0f}"),
          _ratio(c.paced_p50_ms, o.paced_p50_ms) + " p50"),
