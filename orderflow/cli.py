@@ -364,6 +364,9 @@ def cmd_compare(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import compare
     from orderflow.config import seconds
 
+    if args.orders < 1 or args.repeat < 1 or args.rate <= 0:
+        print("compare: --orders and --repeat must be at least 1, --rate above 0", file=sys.stderr)
+        return 2
     settings = compare.Settings(
         orders=args.orders,
         seed=args.seed,

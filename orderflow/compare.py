@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +155,7 @@ class Outage:
     waited: int  # finished only after the restart
     stranded: int  # messages delivered to the killed process, unacked: back after ack_wait
     unfinished: int
+    duplicates: int  # terminal events beyond the first, per order
     recovery_s: float  # restart -> the last affected order finished
     max_latency_s: float
 
@@ -299,7 +300,7 @@ async def _publish_paced(
 
 
 @contextlib.asynccontextmanager
-async def _listening(nc: Client, tally: demo.Tally) -> Any:
+async def _listening(nc: Client, tally: demo.Tally) -> AsyncIterator[demo.Tally]:
     subs = [await nc.subscribe(s, cb=tally.on_terminal) for s in sorted(TERMINAL_SUBJECTS)]
     try:
         yield tally
@@ -439,7 +440,7 @@ async def _outage(
     js = nc.jetstream()
     first_seq = (await js.stream_info("ORDERS")).state.last_seq + 1
     count = sum(1 for c in supervisor.children if c.function == function)
-    supervisor_consumers = topology.functions[function].consumers
+    consumers = topology.functions[function].consumers
     async with _listening(nc, tally):
         publisher = asyncio.create_task(_publish_paced(nc, orders, settings.rate, tally))
         await asyncio.sleep(settings.lead_s)
@@ -454,14 +455,17 @@ async def _outage(
         await asyncio.sleep(settings.outage_s)
         # Delivered to nobody alive and unacked: these wait out ack_wait.
         stranded = 0
-        for spec in supervisor_consumers:
+        for spec in consumers:
             stranded += (await js.consumer_info(spec.stream, spec.durable)).num_ack_pending or 0
         # check() notes the dead child (a warning we caused: not shown), then starts it again.
         quiet = logging.getLogger("orderflow.supervisor")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
+        deadline = time.monotonic() + settings.timeout
         try:
             while len(supervisor.pids(function)) < count:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{function} did not start again in {settings.timeout:g}s")
                 supervisor.check()
                 await asyncio.sleep(0.02)
         finally:
@@ -499,6 +503,7 @@ async def _outage(
         waited=len(waited),
         stranded=stranded,
         unfinished=len(affected - set(tally.finished)),
+        duplicates=tally.duplicates,
         recovery_s=round(
             max((tally.finished[o][1] for o in waited), default=restarted) - restarted, 2
         ),
@@ -657,7 +662,7 @@ class Comparison:
             not m.unfinished
             and not m.duplicate_terminal_events
             and not m.processes_died
-            and not any(o.unfinished for o in m.outages)
+            and not any(o.unfinished or o.duplicates for o in m.outages)
             for m in self.modes.values()
         )
 
