@@ -452,6 +452,28 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
     return 1 if summary["unfinished"] else 0
 
 
+def cmd_compare(args: argparse.Namespace, topology: Topology) -> int:
+    from orderflow import compare
+    from orderflow.config import seconds
+
+    if args.orders < 1 or args.repeat < 1 or args.rate <= 0:
+        print("compare: --orders and --repeat must be at least 1, --rate above 0", file=sys.stderr)
+        return 2
+    settings = compare.Settings(
+        orders=args.orders,
+        seed=args.seed,
+        rate=args.rate,
+        outage_s=seconds(args.outage),
+        timeout=args.timeout,
+        repeat=args.repeat,
+        stop=compare.stops(args.config, args.stop),
+    )
+    progress = sys.stderr.isatty() and not args.json
+    result = compare.run(args.config.resolve(), settings, progress=progress)
+    print(json.dumps(compare.as_json(result)) if args.json else compare.render(result))
+    return 0 if result.ok else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runner.py", description=__doc__)
     p.add_argument("--config", type=Path, default=Path("streams.yaml"), help="topology file")
@@ -521,6 +543,16 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--speed", choices=["max", "original"], default="max")
     rep.add_argument("--timeout", type=float, default=120.0)
 
+    cmp = sub.add_parser("compare", help="both modes on the same orders, measured side by side")
+    cmp.add_argument("--orders", type=int, default=300, help="orders published at once")
+    cmp.add_argument("--outage", default="3s", metavar="DURATION", help="how long each is down")
+    cmp.add_argument("--rate", type=float, default=20.0, help="orders/s around each outage")
+    cmp.add_argument("--stop", metavar="F,F", help="functions to stop (default: every one)")
+    cmp.add_argument("--repeat", type=int, default=1, help="speed runs per mode (median)")
+    cmp.add_argument("--seed", type=int, default=42)
+    cmp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per phase")
+    cmp.add_argument("--json", action="store_true", help="one JSON object")
+
     for name, text in (
         ("up", "start a server (unless NATS_URL) and every function"),
         ("demo", "up, publish orders, wait for every outcome, summarise"),
@@ -557,6 +589,7 @@ COMMANDS = {
     "map": cmd_map,
     "status": cmd_status,
     "replay": cmd_replay,
+    "compare": cmd_compare,
 }
 
 
