@@ -101,9 +101,9 @@ def _saga_waiting_on(logged: Sequence[str]) -> Owing:
     """A saga does one thing at a time: the last command awaits its function's answer;
     anything else awaits the orchestrator's next command."""
     last = logged[-1]
-    if last.startswith("saga."):
-        function = last.split(".")[1]
-        return [(function, f"its answer to {last}", {last})]
+    command = last.split(".")
+    if len(command) == 3 and command[0] == "saga":  # saga.<function>.<verb>
+        return [(command[1], f"its answer to {last}", {last})]
     return [("orchestrator", "the next command, or the terminal event", {last})]
 
 
@@ -189,11 +189,18 @@ async def load(
 ) -> dict[str, Trace]:
     """Traces of ``order_ids`` (every order in the log when ``None``)."""
     events_stream = _stream_of(topology, "orders.created")
+    streams = [events_stream]
+    if topology.mode == "orchestration":
+        # The orchestrator's fired deadlines: the cause of a command sent again.
+        streams += {_stream_of(topology, "saga.timeout")} - {events_stream}
     events: dict[str, list[Stored]] = defaultdict(list)
-    for stored in await read_stream(nc, events_stream):
-        order_id = _order_of(stored)
-        if order_id and (order_ids is None or order_id in order_ids):
-            events[order_id].append(stored)
+    for stream in streams:
+        for stored in await read_stream(nc, stream):
+            order_id = _order_of(stored)
+            if order_id and (order_ids is None or order_id in order_ids):
+                events[order_id].append(stored)
+    for logged in events.values():
+        logged.sort(key=lambda stored: stored.time)
     retries: dict[str, list[Aside]] = defaultdict(list)
     if topology.retry_log is not None:
         for stored in await read_stream(nc, topology.retry_log.stream):

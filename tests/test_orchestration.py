@@ -163,10 +163,18 @@ async def test_a_silent_step_is_retried_then_compensated(
     else:
         raise AssertionError(f"the saga never gave up on stock: {saga}")
     # The log says who owes the next step: stock, with no instance running.
-    traces = await trace.load(provisioned, flow.topology, {o.order_id})
-    [owed] = traces[o.order_id].owed
+    for _ in range(20):  # between an alarm and the command it brings, the orchestrator owes
+        traces = await trace.load(provisioned, flow.topology, {o.order_id})
+        [owed] = traces[o.order_id].owed
+        if owed.function == "stock":
+            break
+        await asyncio.sleep(0.1)
     assert (owed.function, owed.what) == ("stock", "its answer to saga.stock.release")
     assert owed.consumer["instances"] == 0
+    # The fired deadlines are in the timeline, as the cause of each command sent again.
+    steps = {s.event_id: s for s in traces[o.order_id].steps}
+    again = steps[f"saga.stock.reserve:{o.order_id}:2"]
+    assert again.caused_by == "saga.timeout"
     # Stock comes back: it reserves (late) and releases, then payment refunds.
     await start_flow(
         config_path=config_path,

@@ -60,6 +60,8 @@ def test_waiting_on_reads_the_choreography_backwards(
          ("stock", "its answer to saga.stock.reserve")),
         (["orders.created", "saga.payment.charge", "payments.succeeded"],
          ("orchestrator", "the next command, or the terminal event")),
+        (["orders.created", "saga.payment.charge", "saga.timeout"],
+         ("orchestrator", "the next command, or the terminal event")),
     ],
 )  # fmt: skip
 def test_a_saga_waits_on_whoever_has_the_last_word(
