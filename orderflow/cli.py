@@ -32,16 +32,23 @@ URL_FILE = "nats.url"
 
 
 @contextmanager
-def nats_server(data_dir: Path) -> Iterator[str]:
+def nats_server(data_dir: Path, cluster: int = 0) -> Iterator[str]:
     """``NATS_URL`` when set; otherwise an embedded server storing under ``data_dir``.
 
     The embedded server takes port 4222 when it is free (so the nats CLI finds
     it without flags) and leaves its URL in ``data_dir/nats.url`` for the
-    other commands (``dlq``, ``provision``) while it runs.
+    other commands (``dlq``, ``provision``) while it runs. ``cluster``: an
+    embedded cluster of that many servers instead (``orderflow.cluster``).
     """
     url = url_from_env()
     if url:
         yield url
+        return
+    if cluster:
+        from orderflow.cluster import running_cluster
+
+        with running_cluster(data_dir, cluster, data_dir / URL_FILE) as servers:
+            yield servers.url
         return
     server = EmbeddedServer(data_dir / "nats", port=4222 if port_is_free(4222) else None)
     server.start()
@@ -86,11 +93,27 @@ def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
     return counts
 
 
-async def _provision(url: str, topology: Topology, base: Path) -> list[str]:
+async def _provision(url: str, topology: Topology, base: Path, replicas: int = 1) -> list[str]:
     from orderflow.provision import provision
 
     async with connected("provision", url) as nc:
-        return (await provision(nc, topology, base)).lines
+        return (await provision(nc, topology, base, default_replicas=replicas)).lines
+
+
+def _cluster_size(args: argparse.Namespace, topology: Topology) -> int:
+    """``--cluster N`` (0 without), checked against NATS_URL and the replicas in streams.yaml."""
+    from orderflow.cluster import check_replicas
+
+    if url_from_env():
+        if args.cluster:
+            raise ConfigError(
+                "--cluster starts its own servers, but NATS_URL is set: unset it, "
+                "or leave out --cluster to use the servers NATS_URL names"
+            )
+        return 0
+    what = f"the embedded {args.cluster}-node cluster" if args.cluster else "the embedded server"
+    check_replicas(topology, args.cluster or 1, what)
+    return int(args.cluster)
 
 
 def cmd_provision(args: argparse.Namespace, topology: Topology) -> int:
@@ -291,8 +314,9 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow.supervisor import Supervisor
 
     replicas = _replicas(args.replicas, topology)
-    with nats_server(args.data_dir) as url:
-        for line in asyncio.run(_provision(url, topology, args.config.parent)):
+    cluster = _cluster_size(args, topology)
+    with nats_server(args.data_dir, cluster) as url:
+        for line in asyncio.run(_provision(url, topology, args.config.parent, cluster or 1)):
             log.info("%s", line)
         supervisor = Supervisor(url, args.config, replicas, log_level=args.log_level)
         supervisor.start()
@@ -329,8 +353,9 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import demo
     from orderflow.supervisor import Supervisor
 
-    with nats_server(args.data_dir) as url:
-        asyncio.run(_provision(url, topology, args.config.parent))
+    cluster = _cluster_size(args, topology)
+    with nats_server(args.data_dir, cluster) as url:
+        asyncio.run(_provision(url, topology, args.config.parent, cluster or 1))
         # The functions' own logs (retries of flaky cards...) go to files, so
         # the terminal shows progress and the summary.
         supervisor = Supervisor(
@@ -421,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--data-dir", type=Path, default=DATA_DIR, help="embedded server's store")
         cmd.add_argument("--replicas", action="append", default=[], metavar="FUNCTION=N")
+        cmd.add_argument("--cluster", type=int, choices=range(1, 6), default=0, metavar="N",
+                         help="an embedded N-server cluster (1-5) instead of one server; "
+                         "streams and buckets get N replicas unless streams.yaml says")  # fmt: skip
         if name == "demo":
             cmd.add_argument("--orders", type=int, default=1000)
             cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
-
-from orderflow.server import wait_for_port
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -19,10 +19,7 @@ def url_from_env() -> str | None:
 
 async def connect(url: str, name: str) -> Client:
     """Connect, reconnecting forever: a function must outlive a broker restart."""
-    first = urlsplit(url.split(",")[0].strip())
-    if first.hostname in ("127.0.0.1", "localhost", "::1") and first.port:
-        # A failed first connect costs reconnect_time_wait (2 s); poll instead.
-        wait_for_port(first.port, timeout=10.0, host=first.hostname)
+    _wait_for_loopback(url)
     return await nats.connect(
         servers=[u.strip() for u in url.split(",")],
         name=name,
@@ -30,3 +27,26 @@ async def connect(url: str, name: str) -> Client:
         reconnect_time_wait=0.5,
         connect_timeout=5,
     )
+
+
+def _wait_for_loopback(url: str, timeout: float = 10.0) -> None:
+    """Poll until one of the loopback servers in ``url`` listens (any one: a node of a
+    cluster may be down); a failed first connect would cost reconnect_time_wait (2 s)."""
+    local = [
+        (part.hostname, part.port)
+        for part in (urlsplit(u.strip()) for u in url.split(","))
+        if part.hostname in ("127.0.0.1", "localhost", "::1") and part.port
+    ]
+    deadline = time.monotonic() + timeout
+    while local and not any(_listening(host, port) for host, port in local):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listening on {url} after {timeout}s")
+        time.sleep(0.02)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
