@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client
 
@@ -82,10 +83,7 @@ class Node:
         try:
             with urllib.request.urlopen(self._monitor("/healthz"), timeout=1.0):
                 pass
-            with urllib.request.urlopen(
-                self._monitor("/jsz?streams=true&consumers=true"), timeout=1.0
-            ) as response:
-                jsz = json.load(response)
+            jsz = self.jsz()
         except urllib.error.HTTPError as exc:
             body = exc.read().decode(errors="replace")
             try:
@@ -110,6 +108,22 @@ class Node:
         if leaderless:
             return False, f"no leader yet for {', '.join(leaderless)}"
         return True, ""
+
+    def jsz(self) -> dict[str, Any]:
+        """The node's ``/jsz`` with every stream and consumer it holds (the monitoring port)."""
+        url = self._monitor("/jsz?streams=true&consumers=true")
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            found: dict[str, Any] = json.load(response)
+            return found
+
+    def stream_state(self, stream: str) -> dict[str, Any] | None:
+        """This node's copy of ``stream``: its ``state`` (messages, last_seq...), None if none."""
+        for account in self.jsz().get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail["name"] == stream:
+                    state: dict[str, Any] = detail["state"]
+                    return state
+        return None
 
     def _monitor(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
@@ -258,9 +272,12 @@ def default_ports(size: int, first: int = 4222) -> list[int] | None:
     return ports if all(port_is_free(p) for p in ports) else None
 
 
-async def stream_leader(nc: Client, stream: str) -> str | None:
-    """The name of the server leading ``stream`` (``$JS.API.STREAM.INFO``), None in an election."""
-    info = await nc.jetstream().stream_info(stream)
+async def stream_leader(nc: Client, stream: str, timeout: float = 5.0) -> str | None:
+    """The name of the server leading ``stream`` (``$JS.API.STREAM.INFO``), None in an election.
+
+    Mid-election the request may also go unanswered (``TimeoutError``).
+    """
+    info = await nc.jetstream(timeout=timeout).stream_info(stream)
     return info.cluster.leader if info.cluster else None
 
 

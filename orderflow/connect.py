@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+
+log = logging.getLogger("orderflow.connect")
 
 
 def url_from_env() -> str | None:
@@ -26,6 +30,7 @@ async def connect(url: str, name: str) -> Client:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
+        **_log_connection_events(name),
     )
 
 
@@ -50,3 +55,20 @@ def _listening(host: str, port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _log_connection_events(name: str) -> dict[str, Any]:
+    """Callbacks that log one warning line per connection error and per reconnect.
+
+    nats-py's default logs every failed reconnect attempt as an error with a
+    traceback: dozens of them for one server of a cluster going away, which
+    the client rides out by moving to another.
+    """
+
+    async def error(exc: Exception) -> None:
+        log.warning("%s: connection: %r", name, exc)
+
+    async def reconnected() -> None:
+        log.warning("%s: reconnected", name)
+
+    return {"error_cb": error, "reconnected_cb": reconnected}

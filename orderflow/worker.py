@@ -38,6 +38,7 @@ from nats.aio.msg import Msg
 
 from functions.errors import Permanent, Retry
 from functions.events import Event, OrderRejected, subject_of
+from orderflow import election
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_for, input_event_id
 from orderflow.deadletter import DeadLetters
@@ -100,7 +101,10 @@ class Worker:
         in_hand: set[asyncio.Task[None]] = set()
         while not stop.is_set():
             free = self.spec.concurrency - len(in_hand)
-            if free == 0:
+            # Below zero too: nats-py's fetch(batch=n) also hands over whatever
+            # sat in the subscription's queue (late answers to pulls that timed
+            # out, seen after a cluster lost a leader), more than n.
+            if free <= 0:
                 await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if sub is None:
@@ -224,7 +228,8 @@ class Worker:
                 rejection = OrderRejected(order_id, reason=reason[:500])
                 # One rejection per rejected message, however often it is delivered.
                 event_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
-                await self.js.publish(
+                await election.publish(
+                    self.js,
                     subject_of(OrderRejected),
                     _encoder.encode(rejection),
                     headers=self._context(event_id, rejection, msg),
@@ -267,9 +272,11 @@ class Worker:
                 f"({', '.join(self.spec.emits) or 'nothing'})"
             )
         # Concurrently: the input is acked only once every ack is in.
+        # Each asked again while ORDERS is between leaders (orderflow.election).
         await asyncio.gather(
             *(
-                self.js.publish(
+                election.publish(
+                    self.js,
                     subject_of(type(event)),
                     _encoder.encode(event),
                     headers=self._context(message_id(event), event, cause),
