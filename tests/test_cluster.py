@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
+from orderflow import status
 from orderflow.cluster import EmbeddedCluster, stream_leader
 from orderflow.config import ConfigError, Topology
 from orderflow.config import load as load_config
@@ -64,7 +65,10 @@ def _names(topology: Topology) -> list[str]:
 
 
 async def test_replicas_come_from_streams_yaml(
-    cluster_nc: Client, topology: Topology, variant_config: Callable[..., Path]
+    cluster: EmbeddedCluster,
+    cluster_nc: Client,
+    topology: Topology,
+    variant_config: Callable[..., Path],
 ) -> None:
     js = cluster_nc.jetstream()
     # Unset in streams.yaml: created with the default (what `up --cluster 3` passes).
@@ -76,6 +80,8 @@ async def test_replicas_come_from_streams_yaml(
     for durable in ("payment", "stock", "delivery", "order"):
         consumer = await js.consumer_info("ORDERS", durable)
         assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2
+    shown = (await status.collect(cluster_nc, topology))["streams"]["ORDERS"]
+    assert shown["replicas"] == 3 and shown["leader"] in {n.name for n in cluster.nodes}
 
     # ... and then left alone: provisioning with another default changes nothing.
     report = await provision(cluster_nc, topology, ROOT)
