@@ -111,7 +111,11 @@ def _cluster_size(args: argparse.Namespace, topology: Topology) -> int:
                 "or leave out --cluster to use the servers NATS_URL names"
             )
         return 0
-    what = f"the embedded {args.cluster}-node cluster" if args.cluster else "the embedded server"
+    what = (
+        f"the embedded cluster has {args.cluster} servers"
+        if args.cluster
+        else "`up` without --cluster runs one server"
+    )
     check_replicas(topology, args.cluster or 1, what)
     return int(args.cluster)
 

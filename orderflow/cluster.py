@@ -9,9 +9,10 @@ monitoring port, routes to every node, and its own store dir::
 
 Everything listens on 127.0.0.1 only. A node can be SIGKILLed and started
 again on the same ports and store, which is how the tests take a stream's
-leader away. Readiness comes from the servers' own health endpoint
-(``/healthz``): a node is ready once it knows the JetStream meta leader and,
-after a restart, once its streams and consumers have caught up.
+leader away. Readiness comes from the servers' monitoring port: a node is
+ready once ``/healthz`` is happy (it knows the JetStream meta leader, its
+streams and consumers have caught up) and ``/jsz`` shows a leader for every
+stream and consumer it holds.
 """
 
 from __future__ import annotations
@@ -200,18 +201,18 @@ class EmbeddedCluster:
         node.dir.mkdir(parents=True, exist_ok=True)
         conf = node.dir / "nats.conf"
         conf.write_text(self.config(node))
-        log = open(node.dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
+        output = open(node.dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
         node.process = subprocess.Popen(
             [binary(), "-c", str(conf)],
-            stdout=log,
-            stderr=log,
+            stdout=output,
+            stderr=output,
             # Its own process group, like EmbeddedServer: we stop it last.
             start_new_session=True,
         )
-        log.close()
+        output.close()
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start every node; return once JetStream has a meta leader that every node knows."""
+        """Start every node; return once every node is ready (:meth:`wait_ready`)."""
         for node in self.nodes:
             self._spawn(node)
         try:
@@ -284,7 +285,7 @@ async def stream_leader(nc: Client, stream: str, timeout: float = 5.0) -> str | 
 def check_replicas(topology: Topology, servers: int, what: str) -> None:
     """Fail before provisioning if a stream or bucket wants more replicas than there are servers.
 
-    ``what`` names the servers in the message, e.g. ``"the embedded server"``.
+    ``what`` says how many there are, e.g. ``"`up` without --cluster runs one server"``.
     """
     named: list[tuple[str, StreamSpec | BucketSpec]] = [
         *((f"streams[{i}]", spec) for i, spec in enumerate(topology.streams)),
@@ -293,9 +294,8 @@ def check_replicas(topology: Topology, servers: int, what: str) -> None:
     for key, spec in named:
         if spec.replicas is not None and spec.replicas > servers:
             raise ConfigError(
-                f"{key}.replicas: {spec.name} asks for {spec.replicas} replicas, but {what} "
-                f"has {servers} server{'s' if servers != 1 else ''}: lower it, or start "
-                f"more servers (up --cluster {spec.replicas})"
+                f"{key}.replicas: {spec.name} asks for {spec.replicas} replicas, but {what}: "
+                f"lower it, or start more servers (up --cluster {spec.replicas})"
             )
 
 

@@ -140,7 +140,7 @@ def test_up_cluster_refuses_what_it_cannot_do(variant_config: Callable[..., Path
     )  # fmt: skip
     assert done.returncode == 2
     assert "streams[0].replicas: ORDERS asks for 5 replicas" in done.stderr
-    assert "3-node cluster has 3 servers" in done.stderr
+    assert "the embedded cluster has 3 servers" in done.stderr
 
     done = _runner("up", "--cluster", "3", env={"NATS_URL": "nats://127.0.0.1:1"})
     assert done.returncode == 2 and "NATS_URL is set" in done.stderr
