@@ -34,17 +34,24 @@ URL_FILE = "nats.url"
 
 
 @contextmanager
-def nats_server(data_dir: Path, config: Path | None = None) -> Iterator[str]:
+def nats_server(data_dir: Path, config: Path | None = None, cluster: int = 0) -> Iterator[str]:
     """``NATS_URL`` when set; otherwise an embedded server storing under ``data_dir``.
 
     The embedded server takes port 4222 when it is free (so the nats CLI finds
     it without flags) and leaves its URL in ``data_dir/nats.url`` for the
     other commands (``dlq``, ``provision``) while it runs. ``config``: a
-    nats-server configuration for it (``up --secure``).
+    nats-server configuration for it (``up --secure``). ``cluster``: an
+    embedded cluster of that many servers instead (``orderflow.cluster``).
     """
     url = url_from_env()
     if url:
         yield url
+        return
+    if cluster:
+        from orderflow.cluster import running_cluster
+
+        with running_cluster(data_dir, cluster, data_dir / URL_FILE) as servers:
+            yield servers.url
         return
     server = EmbeddedServer(
         data_dir / "nats", port=4222 if port_is_free(4222) else None, config=config
@@ -162,12 +169,39 @@ def _replicas(values: list[str], topology: Topology) -> dict[str, int]:
 
 
 async def _provision(
-    url: str, topology: Topology, base: Path, env: dict[str, str] | None = None
+    url: str,
+    topology: Topology,
+    base: Path,
+    env: dict[str, str] | None = None,
+    replicas: int = 1,
 ) -> list[str]:
     from orderflow.provision import provision
 
     async with connected("provision", url, env) as nc:
-        return (await provision(nc, topology, base)).lines
+        return (await provision(nc, topology, base, default_replicas=replicas)).lines
+
+
+def _cluster_size(args: argparse.Namespace, topology: Topology) -> int:
+    """``--cluster N`` (0 without), checked against NATS_URL and the replicas in streams.yaml."""
+    from orderflow.cluster import check_replicas
+
+    if url_from_env():
+        if args.cluster:
+            raise ConfigError(
+                "--cluster starts its own servers, but NATS_URL is set: unset it, "
+                "or leave out --cluster to use the servers NATS_URL names"
+            )
+        return 0
+    what = (
+        f"the embedded cluster has {args.cluster} servers"
+        if args.cluster
+        else "`up` without --cluster runs one server"
+    )
+    check_replicas(topology, args.cluster or 1, what)
+    if args.cluster and args.secure:
+        # The generated configuration has no route authorization yet.
+        raise ConfigError("--secure and --cluster together are not supported yet: pick one")
+    return int(args.cluster)
 
 
 def cmd_provision(args: argparse.Namespace, topology: Topology) -> int:
@@ -369,10 +403,12 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow.supervisor import Supervisor
 
     replicas = _replicas(args.replicas, topology)
+    cluster = _cluster_size(args, topology)
     secure = _secure(args, topology)
-    with nats_server(args.data_dir, secure.server_conf if secure else None) as url:
+    with nats_server(args.data_dir, secure.server_conf if secure else None, cluster) as url:
         admin = secure.admin if secure else None
-        for line in asyncio.run(_provision(url, topology, args.config.parent, admin)):
+        provisioning = _provision(url, topology, args.config.parent, admin, cluster or 1)
+        for line in asyncio.run(provisioning):
             log.info("%s", line)
         supervisor = Supervisor(
             url,
@@ -420,9 +456,11 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import auth, demo
     from orderflow.supervisor import Supervisor
 
+    cluster = _cluster_size(args, topology)
     secure = _secure(args, topology)
-    with nats_server(args.data_dir, secure.server_conf if secure else None) as url:
-        asyncio.run(_provision(url, topology, args.config.parent, secure.admin if secure else None))
+    with nats_server(args.data_dir, secure.server_conf if secure else None, cluster) as url:
+        admin = secure.admin if secure else None
+        asyncio.run(_provision(url, topology, args.config.parent, admin, cluster or 1))
         # The functions' own logs (retries of flaky cards...) go to files, so
         # the terminal shows progress and the summary.
         supervisor = Supervisor(
@@ -563,6 +601,9 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--secure", action="store_true", help="embedded server with the users of `auth`"
         )
+        cmd.add_argument("--cluster", type=int, choices=range(1, 6), default=0, metavar="N",
+                         help="an embedded N-server cluster (1-5) instead of one server; "
+                         "streams and buckets get N replicas unless streams.yaml says")  # fmt: skip
         if name == "demo":
             cmd.add_argument("--orders", type=int, default=1000)
             cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")

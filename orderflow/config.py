@@ -21,6 +21,8 @@ from orderflow.limits import Limits, config_problems
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")]
 Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m|h|d)$")]
+# Copies of a stream or bucket across a cluster's servers (JetStream allows 1 to 5).
+Replicas = Annotated[int, Meta(ge=1, le=5)]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -41,7 +43,8 @@ class StreamSpec(_Config, frozen=True):
     name: Name
     subjects: Annotated[list[str], Meta(min_length=1)]
     storage: Literal["file", "memory"] = "file"
-    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    # Unset: created with 1 (N under `up --cluster N`), then left as it is.
+    replicas: Replicas | None = None
     duplicate_window: Duration = "2m"
     max_age: Duration = "30d"
     # Timers (nats-server 2.12+): a publisher may have the server publish a
@@ -55,7 +58,7 @@ class StreamSpec(_Config, frozen=True):
 class BucketSpec(_Config, frozen=True):
     name: Name
     storage: Literal["file", "memory"] = "file"
-    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    replicas: Replicas | None = None  # as for streams
     history: Annotated[int, Meta(ge=1, le=64)] = 1
 
 

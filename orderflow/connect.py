@@ -26,15 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
-
-from orderflow.server import wait_for_port
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -153,10 +153,7 @@ async def connect(
     would not make them right.
     """
     env = os.environ if env is None else env
-    first = urlsplit(url.split(",")[0].strip())
-    if first.hostname in ("127.0.0.1", "localhost", "::1") and first.port:
-        # A failed first connect costs reconnect_time_wait (2 s); poll instead.
-        wait_for_port(first.port, timeout=10.0, host=first.hostname)
+    _wait_for_loopback(url)
     report = error_cb or _logging_errors(name, url, secrets(url, env))
     refused = asyncio.Event()
 
@@ -173,6 +170,7 @@ async def connect(
             reconnect_time_wait=0.5,
             connect_timeout=5,
             error_cb=on_error,
+            reconnected_cb=_log_reconnect(name),
             **options_from_env(env),
         )
     )
@@ -193,3 +191,34 @@ async def connect(
         f"{redact(url)} refused {who} (authorization violation): check NATS_USER and "
         "NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or the credentials in NATS_URL"
     )
+
+
+def _wait_for_loopback(url: str, timeout: float = 10.0) -> None:
+    """Poll until one of the loopback servers in ``url`` listens (any one: a node of a
+    cluster may be down); a failed first connect would cost reconnect_time_wait (2 s)."""
+    local = [
+        (part.hostname, part.port)
+        for part in (urlsplit(u.strip()) for u in url.split(","))
+        if part.hostname in ("127.0.0.1", "localhost", "::1") and part.port
+    ]
+    deadline = time.monotonic() + timeout
+    while local and not any(_listening(host, port) for host, port in local):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listening on {redact(url)} after {timeout}s")
+        time.sleep(0.02)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _log_reconnect(name: str) -> Callable[[], Awaitable[None]]:
+    async def reconnected() -> None:
+        # One line: a cluster node going away is ridden out by moving to another.
+        log.warning("%s: reconnected", name)
+
+    return reconnected

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from orderflow import election
 from orderflow.config import DeadLetterSpec
 from orderflow.context import input_event_id
 from orderflow.decoding import readable_order_id
@@ -59,7 +60,7 @@ class DeadLetters:
                 TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
         )
-        await self.js.publish(self.subject, msg.data, headers=headers)
+        await election.publish(self.js, self.subject, msg.data, headers=headers)
         await msg.ack()
         log.warning(
             "%s: dead-lettered %s (stream %s seq %d): %s",

@@ -10,20 +10,27 @@ own expected sequence, and the server applies all of them or none.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import TypeVar
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.nuid import NUID
 
 from functions.state import Versioned, Write
+from orderflow import election
 
 T = TypeVar("T", bound=msgspec.Struct)
 
 EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErr
+# The same answer from a clustered stream's leader while an earlier write to
+# the key is still being replicated (it cannot say which sequence is last yet).
+WRONG_LAST_SEQUENCE_IN_FLIGHT = 10164  # JSStreamWrongLastSequenceConstantErr
 _KV_OPERATION = "KV-Operation"
 
 
@@ -61,7 +68,21 @@ class KvStore:
         if len(writes) == 1:
             write = writes[0]
             headers = {EXPECTED_SUBJECT_SEQ: str(write.revision)}
-            return await self._publish(write, headers)
+            # Asked again while the bucket is between leaders (orderflow.election).
+            return await self._publish(write, headers, through_election=True)
+        # Nobody answering the commit means nobody received it (the bucket is
+        # between leaders, orderflow.election): nothing was applied, so the
+        # whole batch is sent again, under a new id, until the timeout.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return await self._batch(writes)
+            except nats.errors.NoRespondersError:
+                if time.monotonic() + election.POLL >= deadline:
+                    raise
+                await asyncio.sleep(election.POLL)
+
+    async def _batch(self, writes: tuple[Write, ...]) -> bool:
         # An atomic batch: the writes stage on the server and apply, or not,
         # when the last one (the commit) arrives; only the commit is answered.
         batch_id = self._nuid.next().decode()
@@ -77,20 +98,19 @@ class KvStore:
                 )
             else:
                 headers["Nats-Batch-Commit"] = "1"
-                return await self._publish(write, headers)
+                return await self._publish(write, headers, through_election=False)
         raise AssertionError("unreachable")
 
-    async def _publish(self, write: Write, headers: dict[str, str]) -> bool:
-        reply = await self.nc.request(
-            self._subject(write.key),
-            msgspec.json.encode(write.value),
-            timeout=self.timeout,
-            headers=headers,
-        )
+    async def _publish(self, write: Write, headers: dict[str, str], through_election: bool) -> bool:
+        subject, payload = self._subject(write.key), msgspec.json.encode(write.value)
+        if through_election:
+            reply = await election.request(self.nc, subject, payload, self.timeout, headers)
+        else:
+            reply = await self.nc.request(subject, payload, timeout=self.timeout, headers=headers)
         answer = json.loads(reply.data)
         error = answer.get("error")
         if error is None:
             return True
-        if error.get("err_code") == WRONG_LAST_SEQUENCE:
+        if error.get("err_code") in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_FLIGHT):
             return False
         raise KvError(f"{self.bucket}: writing {write.key!r} failed: {error.get('description')}")

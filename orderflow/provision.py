@@ -6,10 +6,18 @@ object is read back, compared field by field with what the file says, and
 updated when they differ; every change is reported as ``old -> new``.
 Inventory is seeded only where a SKU has no level yet: provisioning again
 never resets stock that orders have consumed.
+
+Replicas: a stream or bucket whose ``replicas`` is set in ``streams.yaml`` is
+made to have that many (scaled up or down like any other drift); one that
+leaves it unset is created with ``default_replicas`` (1; ``up --cluster N``
+passes N) and afterwards keeps whatever it has. A count the servers cannot
+place fails with the key that asked for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,7 @@ from functions.state import Store, Write
 from functions.stock import Level, level_key
 from orderflow.config import (
     BucketSpec,
+    ConfigError,
     ConsumerSpec,
     StreamSpec,
     Topology,
@@ -51,12 +60,14 @@ def _storage(kind: str) -> StorageType:
     return StorageType.FILE if kind == "file" else StorageType.MEMORY
 
 
-def stream_config(spec: StreamSpec, max_msg_size: int = -1) -> StreamConfig:
+def stream_config(
+    spec: StreamSpec, max_msg_size: int = -1, default_replicas: int = 1
+) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
         storage=_storage(spec.storage),
-        num_replicas=spec.replicas,
+        num_replicas=spec.replicas or default_replicas,
         duplicate_window=seconds(spec.duplicate_window),
         max_age=seconds(spec.max_age),
         allow_msg_schedules=spec.allow_msg_schedules or None,
@@ -66,14 +77,14 @@ def stream_config(spec: StreamSpec, max_msg_size: int = -1) -> StreamConfig:
     )
 
 
-def bucket_config(spec: BucketSpec) -> StreamConfig:
+def bucket_config(spec: BucketSpec, default_replicas: int = 1) -> StreamConfig:
     # The stream nats-py's create_key_value would make, plus allow_atomic for
     # multi-key commits; declared here so that it is reconciled like the rest.
     return StreamConfig(
         name=stream_name(spec.name),
         subjects=[f"$KV.{spec.name}.>"],
         storage=_storage(spec.storage),
-        num_replicas=spec.replicas,
+        num_replicas=spec.replicas or default_replicas,
         max_msgs_per_subject=spec.history,
         discard=DiscardPolicy.NEW,
         allow_rollup_hdrs=True,
@@ -81,6 +92,7 @@ def bucket_config(spec: BucketSpec) -> StreamConfig:
         allow_direct=True,
         allow_atomic=True,
         duplicate_window=120.0,
+        max_age=0.0,  # no limit; said out loud, or the server's 0 reads as drift from None
     )
 
 
@@ -108,6 +120,8 @@ def _drift(want: Any, have: Any, names: Iterable[str]) -> list[str]:
         old, new = getattr(have, name), getattr(want, name)
         if isinstance(old, float) or isinstance(new, float):
             same = old is not None and new is not None and abs(float(old) - float(new)) < 1e-6
+        elif (old is None or old is False) and (new is None or new is False):
+            same = True  # a flag left out is off: the server may or may not echo it
         else:
             same = old == new
         if not same:
@@ -131,22 +145,43 @@ _STREAM_FIELDS = (
 _CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subjects", "max_ack_pending")
 
 
-async def ensure_stream(js: Any, config: StreamConfig, report: Report) -> None:
+async def ensure_stream(
+    js: Any, config: StreamConfig, report: Report, keep_replicas: bool = False
+) -> None:
+    """Create the stream, or update it where it differs; ``keep_replicas``: leave its count."""
+    fields = tuple(f for f in _STREAM_FIELDS if not (keep_replicas and f == "num_replicas"))
     try:
         info = await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(config)
         report.say(f"stream {config.name}: created")
         return
-    changes = _drift(config, info.config, _STREAM_FIELDS)
+    changes = _drift(config, info.config, fields)
     if changes:
         merged = info.config
-        for name in _STREAM_FIELDS:
+        for name in fields:
             setattr(merged, name, getattr(config, name))
         await js.update_stream(merged)
         report.say(f"stream {config.name}: updated ({'; '.join(changes)})")
     else:
         report.say(f"stream {config.name}: unchanged")
+
+
+async def wait_for_leaders(js: Any, streams: list[str], timeout: float = 30.0) -> None:
+    """Until every stream has a leader: a replicated stream is created before its
+    replicas have elected one, and until then a publish finds no responders."""
+    deadline = time.monotonic() + timeout
+    for name in streams:
+        while True:
+            try:
+                info = await js.stream_info(name)
+                if info.cluster is None or info.cluster.leader:
+                    break
+            except TimeoutError:
+                pass  # a stream without a leader may not answer at all
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {name} has no leader after {timeout}s")
+            await asyncio.sleep(0.05)
 
 
 async def ensure_consumer(js: Any, stream: str, config: ConsumerConfig, report: Report) -> None:
@@ -240,17 +275,46 @@ async def seed_inventory(nc: Client, topology: Topology, base: Path, report: Rep
     )
 
 
-async def provision(nc: Client, topology: Topology, base: Path = Path(".")) -> Report:
+#: The server's answers to a replica count it cannot place: more than the
+#: cluster's servers (no suitable peers), or more than one on a lone server.
+_CANNOT_PLACE = {10005, 10074}
+
+
+async def _ensure_replicated(
+    js: Any, config: StreamConfig, report: Report, spec: StreamSpec | BucketSpec, key: str
+) -> None:
+    """``ensure_stream``, with a refused replica count reported against its key in the file."""
+    try:
+        await ensure_stream(js, config, report, keep_replicas=spec.replicas is None)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code not in _CANNOT_PLACE or (config.num_replicas or 1) < 2:
+            raise
+        where = f"{key}.replicas" if spec.replicas is not None else "the default replica count"
+        raise ConfigError(
+            f"{where}: the server cannot place {config.num_replicas} replicas of "
+            f"{config.name} ({exc.description}); a stream has at most one replica "
+            "per server of the cluster"
+        ) from None
+
+
+async def provision(
+    nc: Client, topology: Topology, base: Path = Path("."), default_replicas: int = 1
+) -> Report:
+    """Make the server match ``topology``; ``default_replicas`` for what sets no count."""
     report = Report()
     js = nc.jetstream()
-    for stream in topology.streams:
+    for i, stream in enumerate(topology.streams):
         # limits.max_message_bytes bounds every stream but the dead letters, which
         # must take any message a stream accepted, plus the reason.
         dead_letters = stream.name == topology.dead_letters.stream
         size = -1 if dead_letters else topology.limits.max_message_bytes
-        await ensure_stream(js, stream_config(stream, size), report)
-    for bucket in topology.buckets:
-        await ensure_stream(js, bucket_config(bucket), report)
+        config = stream_config(stream, size, default_replicas)
+        await _ensure_replicated(js, config, report, stream, f"streams[{i}]")
+    for i, bucket in enumerate(topology.buckets):
+        config = bucket_config(bucket, default_replicas)
+        await _ensure_replicated(js, config, report, bucket, f"buckets[{i}]")
+    names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]
+    await wait_for_leaders(js, names)
     start_after = await retire_inactive(nc, topology, report)
     for function in topology.functions:
         await ensure_consumers(nc, topology, function, report, start_after)

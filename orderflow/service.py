@@ -13,6 +13,9 @@ import logging
 import os
 import signal
 
+import nats.js.errors
+from nats.aio.client import Client
+
 from orderflow.bindings import build_handler
 from orderflow.config import Topology
 from orderflow.connect import connect
@@ -22,6 +25,9 @@ from orderflow.provision import Report, ensure_consumers
 from orderflow.worker import Worker
 
 log = logging.getLogger("orderflow.service")
+
+#: Seconds between attempts to reconcile consumers while the servers are silent.
+RECONCILE_AGAIN = 1.0
 
 
 async def serve(
@@ -35,8 +41,9 @@ async def serve(
     try:
         # pull_subscribe ignores the config of an existing durable: reconcile
         # it with streams.yaml here, so a changed setting takes effect.
-        report = Report()
-        await ensure_consumers(nc, topology, function, report)
+        report = await _reconcile(nc, topology, function, stop)
+        if report is None:
+            return  # told to stop before the servers answered
         for line in report.lines:
             log.info("%s: %s", function, line)
         handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
@@ -52,3 +59,25 @@ async def serve(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(), 2.0)
         await nc.close()
+
+
+async def _reconcile(
+    nc: Client, topology: Topology, function: str, stop: asyncio.Event
+) -> Report | None:
+    """``ensure_consumers``, tried again while the servers do not answer.
+
+    A process that starts while a cluster is electing leaders (5-7 s after a
+    server crashed) would otherwise exit and be restarted into the same gap.
+    Anything but silence (a missing stream, say) still fails at once.
+    """
+    while True:
+        report = Report()
+        try:
+            await ensure_consumers(nc, topology, function, report)
+            return report
+        except (TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            log.warning("%s: no answer reconciling consumers (%r); trying again", function, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RECONCILE_AGAIN)
+        if stop.is_set():
+            return None

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from orderflow.config import Topology
 from orderflow.kv import stream_name
+
+T = TypeVar("T")
 
 COUNTERS = ("processed", "failed", "retried", "dead_lettered")
 
@@ -37,7 +41,8 @@ async def ask_all(nc: Client, subject: str, wait: float = 0.3) -> list[dict[str,
 
 
 async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
-    js = nc.jetstream()
+    # Short: a leaderless stream in a cluster would hold every row for the default 5 s.
+    js = nc.jetstream(timeout=2.0)
     functions: dict[str, Any] = {}
     for name, fn in topology.functions.items():
         stats = await ask_all(nc, f"$SRV.STATS.orderflow-{name}")
@@ -51,21 +56,50 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
                 row["last_error"] = data.get("last_error") or row["last_error"]
         row.update(pending=0, unacked=0, redelivered=0)
         for consumer in fn.consumers:
-            info = await js.consumer_info(consumer.stream, consumer.durable)
+            info = await _unless_electing(js.consumer_info(consumer.stream, consumer.durable))
+            if info is None:
+                row.update(pending=None, unacked=None, redelivered=None)
+                break
             row["pending"] += info.num_pending or 0
             row["unacked"] += info.num_ack_pending or 0
             row["redelivered"] += info.num_redelivered or 0
         dlq = topology.dead_letters
         subject = f"{dlq.subject_prefix}.{name}"
-        info = await js.stream_info(dlq.stream, subjects_filter=subject)
-        row["dead_letters"] = (info.state.subjects or {}).get(subject, 0)
+        info = await _unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
+        row["dead_letters"] = None if info is None else (info.state.subjects or {}).get(subject, 0)
         functions[name] = row
     streams = {}
     names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]
     for stream in names:
-        state = (await js.stream_info(stream)).state
-        streams[stream] = {"messages": state.messages, "bytes": state.bytes}
+        info = await _unless_electing(js.stream_info(stream))
+        if info is None:
+            streams[stream] = dict.fromkeys(("messages", "bytes", "replicas", "current", "leader"))
+            continue
+        state, cluster = info.state, info.cluster
+        # In a cluster: how many copies, how many have caught up, who leads.
+        peers = (cluster.replicas or []) if cluster else []
+        leading = 1 if cluster and cluster.leader else 0
+        streams[stream] = {
+            "messages": state.messages,
+            "bytes": state.bytes,
+            "replicas": info.config.num_replicas or 1,
+            "current": leading + sum(bool(p.current) for p in peers),
+            "leader": cluster.leader if cluster else None,
+        }
     return {"functions": functions, "streams": streams}
+
+
+async def _unless_electing(request: Awaitable[T]) -> T | None:
+    """The answer, or None when nobody gives one: in a cluster, a stream or consumer
+    that lost its leader answers nothing until another is elected (seconds)."""
+    try:
+        return await request
+    except (TimeoutError, nats.js.errors.ServiceUnavailableError):
+        return None
+
+
+def _n(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -75,15 +109,22 @@ def render(status: dict[str, Any]) -> str:
     for name, r in status["functions"].items():
         rows.append(
             (name, str(r["instances"]), f"{r['processed']:,}", f"{r['failed']:,}",
-             f"{r['retried']:,}", f"{r['pending']:,}", f"{r['unacked']:,}",
-             f"{r['redelivered']:,}", f"{r['dead_letters']:,}", (r["last_error"] or "")[:60])
+             f"{r['retried']:,}", _n(r["pending"]), _n(r["unacked"]),
+             _n(r["redelivered"]), _n(r["dead_letters"]), (r["last_error"] or "")[:60])
         )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     lines.append("")
-    lines.append(f"{'STREAM':<20} {'MESSAGES':>10} {'BYTES':>14}")
+    lines.append(f"{'STREAM':<20} {'MESSAGES':>10} {'BYTES':>14}  {'REPLICAS':<10} LEADER")
     for stream, s in status["streams"].items():
-        lines.append(f"{stream:<20} {s['messages']:>10,} {s['bytes']:>14,}")
+        if s["replicas"] is None:
+            lines.append(f"{stream:<20} {'?':>10} {'?':>14}  {'?':<10} none: no answer (electing?)")
+            continue
+        copies = f"{s['replicas']} ({s['current']} ok)" if s["replicas"] > 1 else "1"
+        lines.append(
+            f"{stream:<20} {s['messages']:>10,} {s['bytes']:>14,}  {copies:<10} "
+            f"{s['leader'] or 'none: electing'}"
+        )
     return "\n".join(lines)

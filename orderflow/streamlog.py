@@ -7,6 +7,7 @@ notice. Tests use it to check what the flow really stored.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,10 +15,14 @@ from datetime import datetime
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from functions.events import EVENT_TYPES, Event
+
+#: Fetches answered 503 (nobody serves the consumer yet) before giving up, 0.1 s apart.
+UNAVAILABLE_TRIES = 50
 
 
 @dataclass(frozen=True)
@@ -54,12 +59,21 @@ async def read_stream(
     )
     sub = await js.pull_subscribe("", stream=stream, config=config)
     out: list[Stored] = []
+    unavailable = 0
     try:
         while True:
             try:
                 msgs = await sub.fetch(batch=batch, timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
                 break
+            except nats.js.errors.ServiceUnavailableError:
+                # 503: no server answers for the new consumer yet (in a cluster
+                # the word of it can trail the reply that created it).
+                unavailable += 1
+                if unavailable > UNAVAILABLE_TRIES:
+                    raise
+                await asyncio.sleep(0.1)
+                continue
             for msg in msgs:
                 meta = msg.metadata
                 headers = dict(msg.headers or {})

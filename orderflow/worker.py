@@ -47,6 +47,7 @@ from functions.events import (
     event_id,
     subject_of,
 )
+from orderflow import election
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_for, input_event_id
 from orderflow.deadletter import DeadLetters
@@ -105,7 +106,10 @@ class Worker:
         in_hand: set[asyncio.Task[None]] = set()
         while not stop.is_set():
             free = self.spec.concurrency - len(in_hand)
-            if free == 0:
+            # Below zero too: nats-py's fetch(batch=n) also hands over whatever
+            # sat in the subscription's queue (late answers to pulls that timed
+            # out, seen after a cluster lost a leader), more than n.
+            if free <= 0:
                 await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if sub is None:
@@ -229,7 +233,8 @@ class Worker:
                 rejection = OrderRejected(order_id, reason=reason[:500])
                 # One rejection per rejected message, however often it is delivered.
                 rejection_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
-                await self.js.publish(
+                await election.publish(
+                    self.js,
                     subject_of(OrderRejected),
                     _encoder.encode(rejection),
                     headers=self._context(rejection_id, rejection, msg),
@@ -289,7 +294,8 @@ class Worker:
             # expires itself: nothing of the alarm is left in the stream.
             headers |= {"Nats-Rollup": "sub", "Nats-TTL": "1s"}
             subject = alarm_subject(event.order_id)
-        await self.js.publish(subject, _encoder.encode(event), headers=headers)
+        # Asked again while the stream is between leaders (orderflow.election).
+        await election.publish(self.js, subject, _encoder.encode(event), headers=headers)
 
     async def _note_retry(self, msg: Msg, event: Event, delay: float, exc: Exception) -> None:
         """Put the failed attempt in the log, for ``trace``; best effort, never in the way."""

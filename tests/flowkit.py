@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 
 from functions.events import TERMINAL_SUBJECTS, AnyOrderId, OrderCreated, OrderItem
@@ -29,28 +30,31 @@ def order(order_id: str, token: str = "tok_visa", **skus: int) -> OrderCreated:
     return OrderCreated(order_id, customer_id="c-7", items=items, payment_token=token)
 
 
-class Flow:
+class BaseFlow:
+    """Every function as its own OS process on the servers ``url`` names, and what tests read."""
+
     def __init__(
         self,
-        server: EmbeddedServer,
+        url: str,
         nc: Client,
         topology: Topology,
         config: Path,
         replicas: dict[str, int],
         env: dict[str, str],
+        log_dir: Path | None = None,
         function_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        self.server = server
         self.nc = nc
         self.topology = topology
         counts = {name: replicas.get(name, 1) for name in topology.functions}
         self.supervisor = Supervisor(
-            server.url,
+            url,
             config,
             counts,
             log_level="WARNING",
             env=env,
             function_env=function_env,
+            log_dir=log_dir,
             mode=topology.mode,
         )
         self._stop = asyncio.Event()
@@ -153,5 +157,92 @@ class Flow:
             assert levels[sku] + taken[sku] == initial, (sku, initial, levels[sku], taken[sku])
 
 
+class Flow(BaseFlow):
+    """The flow on one embedded server (``server``), which tests may kill and restart."""
+
+    def __init__(
+        self,
+        server: EmbeddedServer,
+        nc: Client,
+        topology: Topology,
+        config: Path,
+        replicas: dict[str, int],
+        env: dict[str, str],
+        function_env: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        super().__init__(server.url, nc, topology, config, replicas, env, function_env=function_env)
+        self.server = server
+
+
 def terminal_counts(seen: dict[str, list[str]], order_ids: list[str]) -> dict[str, int]:
     return {o: sum(s in TERMINAL_SUBJECTS for s in seen.get(o, [])) for o in order_ids}
+
+
+async def publish_carefully(flow: BaseFlow, orders: list[OrderCreated], over: float) -> list[float]:
+    """Publish at a steady pace over ``over`` seconds, each order retried until the stream
+    acks it (its message id makes a retry harmless); returns when each ack came
+    (``time.monotonic()``)."""
+    js = flow.nc.jetstream()
+    acked = []
+    for o in orders:
+        for _ in range(200):
+            try:
+                await js.publish(
+                    "orders.created", payload(o), headers={"Nats-Msg-Id": f"client:{o.order_id}"}
+                )
+                acked.append(time.monotonic())
+                break
+            except (TimeoutError, nats.errors.Error):
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"could not publish {o.order_id}")
+        await asyncio.sleep(over / len(orders))
+    return acked
+
+
+async def gateway_records(flow: BaseFlow, prefix: str) -> dict[str, int]:
+    """The simulated gateway's own records (``charge`` or ``refund``), by key."""
+    js = flow.nc.jetstream()
+    info = await js.stream_info("KV_gateway", subjects_filter=f"$KV.gateway.{prefix}.>")
+    return dict(info.state.subjects or {})
+
+
+async def assert_every_effect_once(
+    flow: BaseFlow, ids: list[str], seen: dict[str, list[str]]
+) -> None:
+    """Every order ended once; no order was charged, reserved, delivered or compensated
+    twice; every compensation matches what was taken; the gateway charged each
+    decided payment once and refunded each refund once; stock is conserved."""
+    assert terminal_counts(seen, ids) == dict.fromkeys(ids, 1)
+    events = await flow.events()
+    succeeded = {
+        msgspec.json.decode(s.data)["order_id"] for s in events if s.subject == "payments.succeeded"
+    }
+    decided = succeeded | {
+        msgspec.json.decode(s.data)["order_id"] for s in events if s.subject == "payments.failed"
+    }
+    for order_id in ids:
+        subjects = seen[order_id]
+        # A command may go out again if its deadline passed; every answer
+        # and every outcome exactly once.
+        for subject in {s for s in subjects if not s.startswith("saga.")} - {"orders.created"}:
+            assert subjects.count(subject) == 1, (order_id, subjects)
+        if "orders.completed" in subjects:
+            assert {"payments.succeeded", "stock.reserved", "delivery.scheduled"} <= set(subjects)
+            assert not {"payments.refunded", "stock.released"} & set(subjects)
+        else:
+            assert "delivery.scheduled" not in subjects
+            if "payments.succeeded" in subjects:
+                assert "payments.refunded" in subjects, (order_id, subjects)
+            if "stock.reserved" in subjects:
+                assert "stock.released" in subjects, (order_id, subjects)
+
+    # One gateway record per decided charge, one per real refund: nothing doubled.
+    assert len(await gateway_records(flow, "charge")) == len(decided)
+    refunded = [
+        s
+        for s in events
+        if s.subject == "payments.refunded" and msgspec.json.decode(s.data)["charge_id"]
+    ]
+    assert len(await gateway_records(flow, "refund")) == len(refunded)
+    await flow.assert_stock_conserved()

@@ -17,37 +17,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-import nats.errors
 import pytest
 
-from functions.events import OrderCreated
 from orderflow.config import MODES, Mode
-from orderflow.demo import make_orders, payload
+from orderflow.demo import make_orders
 from tests.conftest import StartFlow
-from tests.flowkit import Flow, terminal_counts
+from tests.flowkit import Flow, assert_every_effect_once, publish_carefully
 
 ORDERS = 300
 PUBLISH_OVER = 6.0  # seconds
 CHAOS_FOR = 9.0
 SERVER_RESTART_AT = 4.0
-
-
-async def _publish_carefully(flow: Flow, orders: list[OrderCreated]) -> None:
-    """A client that retries until the stream acks; its message id makes retries harmless."""
-    js = flow.nc.jetstream()
-    for o in orders:
-        for _ in range(200):
-            try:
-                await js.publish(
-                    "orders.created", payload(o), headers={"Nats-Msg-Id": f"client:{o.order_id}"}
-                )
-                break
-            except (TimeoutError, nats.errors.Error):
-                await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"could not publish {o.order_id}")
-        await asyncio.sleep(PUBLISH_OVER / len(orders))
 
 
 async def _chaos(flow: Flow, rng: random.Random) -> dict[str, int]:
@@ -67,12 +47,6 @@ async def _chaos(flow: Flow, rng: random.Random) -> dict[str, int]:
     return {"kills": kills, "server_restarts": int(restarted)}
 
 
-async def _gateway_records(flow: Flow, prefix: str) -> dict[str, int]:
-    js = flow.nc.jetstream()
-    info = await js.stream_info("KV_gateway", subjects_filter=f"$KV.gateway.{prefix}.>")
-    return dict(info.state.subjects or {})
-
-
 @pytest.mark.parametrize("mode", MODES)
 async def test_chaos(
     start_flow: StartFlow, variant_config: Callable[..., Path], mode: Mode
@@ -84,45 +58,12 @@ async def test_chaos(
     orders = [o for _, o in make_orders(ORDERS, run_id="chaos", seed=2026)]
     ids = [o.order_id for o in orders]
 
-    publisher = asyncio.create_task(_publish_carefully(flow, orders))
+    publisher = asyncio.create_task(publish_carefully(flow, orders, PUBLISH_OVER))
     done = await _chaos(flow, random.Random(2026))
     await publisher
     assert done["kills"] >= 7 and done["server_restarts"] == 1, done
 
     seen = await flow.wait_finished(ids, timeout=120)
     await flow.wait_quiet(timeout=60)
-    assert terminal_counts(seen, ids) == dict.fromkeys(ids, 1)
-
-    events = await flow.events()
-    succeeded = {
-        msgspec.json.decode(s.data)["order_id"] for s in events if s.subject == "payments.succeeded"
-    }
-    decided = succeeded | {
-        msgspec.json.decode(s.data)["order_id"] for s in events if s.subject == "payments.failed"
-    }
-    for order_id in ids:
-        subjects = seen[order_id]
-        # A command may go out again if its deadline passed; every answer
-        # and every outcome exactly once.
-        for subject in {s for s in subjects if not s.startswith("saga.")} - {"orders.created"}:
-            assert subjects.count(subject) == 1, (order_id, subjects)
-        if "orders.completed" in subjects:
-            assert {"payments.succeeded", "stock.reserved", "delivery.scheduled"} <= set(subjects)
-            assert not {"payments.refunded", "stock.released"} & set(subjects)
-        else:
-            assert "delivery.scheduled" not in subjects
-            if "payments.succeeded" in subjects:
-                assert "payments.refunded" in subjects, (order_id, subjects)
-            if "stock.reserved" in subjects:
-                assert "stock.released" in subjects, (order_id, subjects)
-
-    # One gateway record per decided charge, one per real refund: nothing doubled.
-    assert len(await _gateway_records(flow, "charge")) == len(decided)
-    refunded = [
-        s
-        for s in events
-        if s.subject == "payments.refunded" and msgspec.json.decode(s.data)["charge_id"]
-    ]
-    assert len(await _gateway_records(flow, "refund")) == len(refunded)
-    await flow.assert_stock_conserved()
+    await assert_every_effect_once(flow, ids, seen)
     assert await flow.dead_letters() == []

@@ -1,0 +1,82 @@
+"""Asking a stream that is between leaders: ask again until the timeout, not just once.
+
+In a cluster a replicated stream takes writes through its leader only. When
+the leader is lost (its server crashed), nobody answers on the stream's
+subjects until the survivors have noticed and elected another: 5-7 s after a
+SIGKILL, measured (README, "Running on a NATS cluster"). nats-py fails a
+request in that gap at once with *no responders*, which would burn one of a
+message's deliveries per attempt; here it counts as "no answer yet" and is
+asked again every :data:`POLL` seconds until the request's timeout (the way
+nats.go's JetStream publish retries no responders).
+
+A *timeout* is not retried here: its outcome is unknown (the old leader may
+have stored the write before it died). The callers settle that by design: an
+event carries a message id the stream deduplicates, and a compare-and-set
+that was in fact applied fails when the handler tries it again, so the
+handler reads again and finds its own write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import PubAck
+
+#: Seconds between attempts while nobody answers for a stream.
+POLL = 0.25
+#: nats-py's default for a JetStream publish.
+PUBLISH_TIMEOUT = 5.0
+#: A clustered stream's answer to a message id another publish is still
+#: replicating (a redelivered input racing its first attempt): once that one
+#: is stored, asking again gets the duplicate's ack.
+DUPLICATE_IN_FLIGHT = 10158  # JSStreamDuplicateMessageConflict
+
+
+async def request(
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+) -> Msg:
+    """``nc.request``, asked again while no server answers for ``subject``, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await nc.request(
+                subject, payload, timeout=max(deadline - time.monotonic(), POLL), headers=headers
+            )
+        except nats.errors.NoRespondersError:
+            if time.monotonic() + POLL >= deadline:
+                raise
+            await asyncio.sleep(POLL)
+
+
+async def publish(
+    js: Any,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None = None,
+    timeout: float = PUBLISH_TIMEOUT,
+) -> PubAck:
+    """``js.publish``, asked again while no stream answers for ``subject`` (or the stream
+    is still storing the same message id), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ack: PubAck = await js.publish(
+                subject, payload, timeout=max(deadline - time.monotonic(), POLL), headers=headers
+            )
+            return ack
+        except (nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as exc:
+            if isinstance(exc, nats.js.errors.APIError) and exc.err_code != DUPLICATE_IN_FLIGHT:
+                raise
+            if time.monotonic() + POLL >= deadline:
+                raise
+            await asyncio.sleep(POLL)
