@@ -32,7 +32,7 @@ from functions.events import (
     PaymentSucceeded,
     StockUnavailable,
 )
-from functions.state import Store, Write, optimistically
+from functions.state import Store, Versioned, Write, optimistically
 
 # --- the gateway interface --------------------------------------------------
 
@@ -118,8 +118,10 @@ async def _charge(order: OrderCreated, store: Store, gateway: Gateway) -> list[E
     if current is None:
         # Claim the order before touching the gateway (see the module docstring).
         claim = PaymentRecord("charging", order.total_cents)
-        await store.commit(Write(key, claim, 0))
-        return None  # read the claim back, whoever won it
+        revision = await store.commit(Write(key, claim, 0))
+        if not revision:
+            return None  # someone else claimed it: read their claim
+        current = Versioned(claim, revision)
     if current.value.status != "charging":
         return events_for(order.order_id, current.value, OrderCreated)
     result = await gateway.charge(
