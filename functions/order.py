@@ -105,9 +105,7 @@ def terminal_event(order_id: str, state: OrderState) -> list[Event]:
 
 async def handle(event: Event, store: Store) -> Sequence[Event]:
     if isinstance(event, OrderCreated):
-        # Valid orders need nothing from us yet; this binding exists so that
-        # an *invalid* one is answered with orders.rejected (see streams.yaml).
-        return []
+        return []  # nothing to follow until an outcome arrives (not bound in streams.yaml)
     trigger = subject_of(type(event))
 
     async def attempt() -> list[Event] | None:
