@@ -1,6 +1,8 @@
 """order: follow each order and announce exactly one terminal event.
 
-Reads every outcome the other functions publish and keeps a summary per order
+Reads the outcomes that can end an order (streams.yaml binds only those: a
+payment or a reservation that succeeded decides nothing until delivery is
+scheduled, though :func:`observe` accepts them) and keeps a summary per order
 in the ``orders`` bucket (``order.<ID>`` -> :class:`OrderState`). The order is
 
 * ``completed`` once delivery is scheduled;
