@@ -7,9 +7,9 @@ One function per OS process, as orderflow deploys them:
 It does the NATS work orderflow does for each message, and nothing more:
 
 * the same durable pull consumers (``bench/run.py`` provisions them from
-  ``streams.yaml``), fetched the way orderflow's worker fetches (one message
-  when idle, whatever is there, up to the free slots, when busy), each message
-  handled in its own task, at most CONCURRENCY at once;
+  ``streams.yaml``), pulled the way orderflow's worker pulls
+  (``orderflow/pull.py``: up to CONCURRENCY messages asked for ahead, each
+  handled in its own task the moment it arrives);
 * every event published to JetStream with a ``Nats-Msg-Id`` of
   ``<subject>:<order id>``, the input acked only after every publish ack;
 * the same KV traffic: a direct get per key read, a compare-and-set publish
@@ -33,9 +33,13 @@ retry log, context headers, ``in_progress`` keep-alives, failpoints, logging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import signal
 import sys
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,8 +52,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 STREAM = "ORDERS"
-FETCH_TIMEOUT = 1.0  # seconds an idle fetch waits for a message
-BUSY_FETCH_TIMEOUT = 0.02  # seconds a fetch waits for more while messages are in hand
+PULL_EXPIRES = 1.0  # seconds a pull request stays open on the server
+PULL_GRACE = 0.5  # a request unanswered this long after it expired was lost
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # the server's err_code for a compare-and-set that lost
 
@@ -466,31 +470,53 @@ async def settle(js: JetStreamContext, msg: Msg, handle: Handler) -> None:
 
 
 async def consume(nc: Client, function: str, concurrency: int, stop: asyncio.Event) -> None:
+    """Pull as orderflow/pull.py does: keep up to ``concurrency`` messages asked for (each
+    request for at least half of that, open PULL_EXPIRES on the server), start each
+    message as it arrives, ask again as they finish or requests expire."""
     js = nc.jetstream()
     handle = handler_for(function, nc)
-    sub = await js.pull_subscribe_bind(durable=function, stream=STREAM)
+    inbox, next_subject = nc.new_inbox(), f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{function}"
+    requests: deque[list[float]] = deque()  # [messages still owed, expiry], oldest first
     in_hand: set[asyncio.Task[None]] = set()
+    wake = asyncio.Event()
+
+    async def arrived(msg: Msg) -> None:
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            if requests:
+                requests.popleft()  # expired (408) or ended: the oldest request is over
+            wake.set()
+            return
+        if requests:
+            requests[0][0] -= 1
+            if requests[0][0] == 0:
+                requests.popleft()
+        if stop.is_set() or len(in_hand) >= concurrency:
+            await msg.nak()
+            return
+        task = asyncio.create_task(settle(js, msg, handle))
+        in_hand.add(task)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        in_hand.discard(task)
+        wake.set()
+
+    sub = await nc.subscribe(inbox, cb=arrived)
     while not stop.is_set():
-        free = concurrency - len(in_hand)
-        if free == 0:
-            await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
-            continue
-        try:
-            # As orderflow's worker: idle, wait for exactly one message (a
-            # batch fetch that had to wait holds the first one until the batch
-            # is full or the timeout ends); busy, take what is there.
-            if in_hand:
-                msgs = await sub.fetch(batch=free, timeout=BUSY_FETCH_TIMEOUT)
-            else:
-                msgs = await sub.fetch(batch=1, timeout=FETCH_TIMEOUT)
-        except (TimeoutError, nats.errors.TimeoutError):
-            continue  # nothing to do
-        for msg in msgs:
-            task = asyncio.create_task(settle(js, msg, handle))
-            in_hand.add(task)
-            task.add_done_callback(in_hand.discard)
-    if in_hand:
-        await asyncio.wait(in_hand)
+        now = time.monotonic()
+        while requests and requests[0][1] + PULL_GRACE < now:
+            requests.popleft()  # never answered: lost
+        free = concurrency - len(in_hand) - int(sum(r[0] for r in requests))
+        if free > 0 and (not requests or free >= (concurrency + 1) // 2):
+            request = {"batch": free, "expires": int(PULL_EXPIRES * 1e9)}
+            await nc.publish(next_subject, json.dumps(request).encode(), reply=inbox)
+            requests.append([free, now + PULL_EXPIRES])
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), PULL_EXPIRES)
+    while in_hand:
+        await asyncio.wait(set(in_hand))
+    await sub.unsubscribe()
 
 
 async def main(function: str, url: str, concurrency: int) -> None:

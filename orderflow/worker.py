@@ -29,10 +29,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -45,6 +43,7 @@ from orderflow.decoding import Invalid, decode, readable_order_id
 from orderflow.failpoints import crash_point
 from orderflow.logs import fields
 from orderflow.metrics import Counters
+from orderflow.pull import Puller
 
 Handler = Callable[[Event], Awaitable[Sequence[Event]]]
 #: The messages in hand, by reply subject (unique per delivery): the message and
@@ -65,12 +64,6 @@ class RetryNote(msgspec.Struct, frozen=True):
 
 
 log = logging.getLogger("orderflow.worker")
-
-#: How long an idle fetch waits for the next message; also the longest a stop
-#: request waits for an idle loop to notice it.
-FETCH_TIMEOUT = 1.0
-#: How long a fetch waits for more while messages are in hand.
-BUSY_FETCH_TIMEOUT = 0.02
 
 _encoder = msgspec.json.Encoder()
 
@@ -102,63 +95,25 @@ class Worker:
         in_hand: set[asyncio.Task[None]] = set()
         held: Held = {}
         keeper = asyncio.create_task(_keep_alive(held, seconds(consumer.ack_wait)))
+
+        def start(msg: Msg) -> None:
+            task = asyncio.create_task(self.process(msg, consumer, held))
+            in_hand.add(task)
+            task.add_done_callback(settled)
+
+        def settled(task: asyncio.Task[None]) -> None:
+            in_hand.discard(task)
+            puller.done()
+
+        puller = Puller(
+            self.nc, consumer.stream, consumer.durable, self.spec.concurrency, deliver=start
+        )
         try:
-            await self._pull(consumer, stop, in_hand, held)
+            # Every message handed over is seen through, even after stop is set:
+            # handing it back unacked would only delay it by ack_wait.
+            await puller.run(stop)
         finally:
             keeper.cancel()
-
-    async def _pull(
-        self,
-        consumer: ConsumerSpec,
-        stop: asyncio.Event,
-        in_hand: set[asyncio.Task[None]],
-        held: Held,
-    ) -> None:
-        sub: Any = None
-        while not stop.is_set():
-            free = self.spec.concurrency - len(in_hand)
-            if free == 0:
-                await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            if sub is None:
-                try:
-                    sub = await self.js.pull_subscribe_bind(
-                        durable=consumer.durable, stream=consumer.stream
-                    )
-                except Exception as exc:
-                    log.warning("%s: cannot bind %s: %s", self.name, consumer.durable, exc)
-                    await _sleep_unless(stop, 1.0)
-                    continue
-            try:
-                # nats-py's fetch(batch=n), once it had to wait, holds the first
-                # message until n arrive or the timeout ends: measured, it added
-                # up to FETCH_TIMEOUT to a lone message's hop (400 ms seen in a
-                # trace). So idle, wait for exactly one; busy, take what is there
-                # and come back quickly.
-                if in_hand:
-                    msgs = await sub.fetch(batch=free, timeout=BUSY_FETCH_TIMEOUT)
-                else:
-                    msgs = await sub.fetch(batch=1, timeout=FETCH_TIMEOUT)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue  # nothing to do (or the server is away: fetch again)
-            except Exception as exc:
-                # A closed or broken subscription does not heal by itself: bind anew.
-                log.warning("%s: fetch from %s failed: %r", self.name, consumer.durable, exc)
-                await _unsubscribe(sub)
-                sub = None
-                await _sleep_unless(stop, 0.5)
-                continue
-            for msg in msgs:
-                task = asyncio.create_task(self.process(msg, consumer, held))
-                in_hand.add(task)
-                task.add_done_callback(in_hand.discard)
-        # Every fetched message is seen through, even after stop is set:
-        # handing it back unacked would only delay it by ack_wait.
-        if in_hand:
-            await asyncio.wait(in_hand)
-        if sub is not None:
-            await _hand_back_late_arrivals(sub)
-            await _unsubscribe(sub)
 
     async def process(self, msg: Msg, consumer: ConsumerSpec, held: Held) -> None:
         held[msg.reply] = (msg, time.monotonic())  # from now on _keep_alive vouches for it
@@ -331,28 +286,3 @@ async def _keep_alive(held: Held, ack_wait: float) -> None:
                 held[reply] = (msg, now)
                 with contextlib.suppress(Exception):  # the server is away: nothing to tell
                     await msg.in_progress()
-
-
-async def _hand_back_late_arrivals(sub: Any) -> None:
-    """Nak what the server delivered after our last fetch gave up waiting.
-
-    A pull request outlives a fetch that timed out on the client, so messages
-    can arrive that no fetch will return; left alone they would sit out
-    ack_wait before another process gets them. The pending queue is private
-    to nats-py's subscription: there is no public way to read it.
-    """
-    queue = sub._sub._pending_queue
-    while not queue.empty():
-        msg = queue.get_nowait()
-        if msg.reply and msg.reply.startswith("$JS.ACK."):
-            await msg.nak()
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
-async def _unsubscribe(sub: Any) -> None:
-    with contextlib.suppress(Exception):
-        await sub.unsubscribe()
