@@ -129,16 +129,14 @@ async def payment(subject: str, body: Event, payments: Bucket, gateway: Bucket) 
 async def charge(order: Event, payments: Bucket, gateway: Bucket) -> Emitted:
     order_id = order["order_id"]
     key = f"payment.{order_id}"
+    total = sum(item["quantity"] * item["unit_price_cents"] for item in order["items"])
+    claim = {"status": "charging", "amount_cents": total, "charge_id": None, "reason": ""}
     while True:
-        record, revision = await payments.get(key)
-        if record is None:
-            # Claim the order before calling the gateway; a refund arriving
-            # first must find the claim.
-            total = sum(item["quantity"] * item["unit_price_cents"] for item in order["items"])
-            record = {"status": "charging", "amount_cents": total, "charge_id": None, "reason": ""}
-            revision = await payments.put(key, record, 0)
-            if not revision:
-                continue  # someone else claimed it: read their claim
+        # Claim the order before calling the gateway (a refund arriving first
+        # must find the claim); read only when a claim is there already.
+        record, revision = claim, await payments.put(key, claim, 0)
+        if not revision:
+            record, revision = await payments.get(key)
         if record["status"] != "charging":
             return charged_events(order_id, record)  # decided before: say the same again
         outcome = await gateway_charge(
