@@ -1,6 +1,8 @@
-"""The pull loop of one function process: fetch, decode, handle, publish, ack.
+"""The loop of one function process: pull, decode, handle, publish, ack.
 
-For every message, in this order:
+Messages come from ``orderflow.pull`` (asked for ahead, up to the function's
+concurrency, each started the moment it arrives). For every message, in this
+order:
 
 1. delivered more often than the function allows -> dead letter (the processes
    handling it kept dying: a poison message must not crash-loop forever);
