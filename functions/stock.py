@@ -24,6 +24,14 @@ a single-key write 0.23 ms; see bench/README.md). What makes that safe:
   revision later than the decision's, and is given back too. Revisions are
   stream sequences of one bucket, so "later" is exact, whatever any read saw.
 
+Why the proof is in the level and not a ``Nats-Msg-Id`` on the write (the
+bucket's duplicate window turning a repeat into a no-op): nats-server 2.15
+checks the expected revision *before* the duplicate, so a repeat on a level
+that moved is refused as a conflict and a repeat that finds the shelf short
+(by its own first write) never learns it was applied; and after a server
+restart the server remembers only the ids of messages it still stores, so a
+level write superseded by a later one is forgotten (bench/README.md).
+
 A release needs a reservation decision: ``payments.failed`` that arrives
 before this function has handled the order is retried later rather than
 guessed at, so what stock emits for an order depends only on which events it
