@@ -501,6 +501,7 @@ async def consume(nc: Client, function: str, concurrency: int, stop: asyncio.Eve
 
     sub = await nc.subscribe(inbox, cb=arrived)
     while not stop.is_set():
+        wake.clear()  # before looking: a message finishing during the publish still wakes us
         now = time.monotonic()
         while requests and requests[0][1] + PULL_GRACE < now:
             requests.popleft()  # never answered: lost
@@ -509,7 +510,6 @@ async def consume(nc: Client, function: str, concurrency: int, stop: asyncio.Eve
             request = {"batch": free, "expires": int(PULL_EXPIRES * 1e9)}
             await nc.publish(next_subject, json.dumps(request).encode(), reply=inbox)
             requests.append([free, now + PULL_EXPIRES])
-        wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), PULL_EXPIRES)
     while in_hand:

@@ -83,10 +83,14 @@ class Puller:
         stopped = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                # Cleared before looking, so that a message finishing meanwhile
+                # (during the publish) still wakes the next sleep.
+                self._wake.clear()
                 await self._ask(inbox)
                 await self._sleep(self._until_next_check(), stopped)
             self._stopping = True
             while self.in_hand:
+                self._wake.clear()
                 await self._sleep(PULL_EXPIRES)
         finally:
             self._stopping = True
@@ -96,7 +100,6 @@ class Puller:
 
     async def _sleep(self, timeout: float, *also: asyncio.Future[Any]) -> None:
         """Until a message is done or an answer came (or ``also``), at most ``timeout``."""
-        self._wake.clear()
         woken = asyncio.ensure_future(self._wake.wait())
         await asyncio.wait({woken, *also}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         woken.cancel()
