@@ -7,14 +7,16 @@ One function per OS process, as orderflow deploys them:
 It does the NATS work orderflow does for each message, and nothing more:
 
 * the same durable pull consumers (``bench/run.py`` provisions them from
-  ``streams.yaml``), fetched in batches of up to CONCURRENCY messages, each
-  message handled in its own task;
+  ``streams.yaml``), pulled the way orderflow's worker pulls
+  (``orderflow/pull.py``: up to CONCURRENCY messages asked for ahead, each
+  handled in its own task the moment it arrives);
 * every event published to JetStream with a ``Nats-Msg-Id`` of
   ``<subject>:<order id>``, the input acked only after every publish ack;
 * the same KV traffic: a direct get per key read, a compare-and-set publish
-  (``Nats-Expected-Last-Subject-Sequence``) per key written, and for a stock
-  reservation or release one atomic batch over the SKU levels and the order's
-  record, exactly as ``orderflow/kv.py`` writes them. Losing a compare-and-set
+  (``Nats-Expected-Last-Subject-Sequence``) per key written, the revision of
+  a write taken from its publish ack, and the same reads and writes per
+  message as ``functions/`` (a stock reservation: each SKU's level with its
+  proof, the order's record, the proofs settled). Losing a compare-and-set
   means reading again and deciding again.
 
 It hands a message back (a nak with a delay) exactly where orderflow's
@@ -31,9 +33,13 @@ retry log, context headers, ``in_progress`` keep-alives, failpoints, logging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import signal
 import sys
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,10 +50,10 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.nuid import NUID
 
 STREAM = "ORDERS"
-FETCH_TIMEOUT = 1.0  # seconds one fetch waits for messages when there are none
+PULL_EXPIRES = 1.0  # seconds a pull request stays open on the server
+PULL_GRACE = 0.5  # a request unanswered this long after it expired was lost
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071  # the server's err_code for a compare-and-set that lost
 
@@ -57,7 +63,6 @@ FLAKY_TOKEN = "tok_flaky"
 
 Event = dict[str, Any]
 Emitted = list[tuple[str, Event]]  # (subject, body) of each event to publish
-Write = tuple[str, Any, int]  # (key, value, the revision it was decided on; 0: create)
 Handler = Callable[[str, Event], Awaitable[Emitted]]
 
 
@@ -82,7 +87,6 @@ class Bucket:
         self.nc = nc
         self.js = nc.jetstream()
         self.name = name
-        self.nuid = NUID()
 
     def subject(self, key: str) -> str:
         return f"$KV.{self.name}.{key}"
@@ -96,37 +100,21 @@ class Bucket:
         assert msg.data is not None and msg.seq is not None
         return msgspec.json.decode(msg.data), msg.seq
 
-    async def put(self, key: str, value: Any, revision: int) -> bool:
-        """Write ``key`` if its revision is still ``revision`` (0: if it does not exist yet)."""
-        return await self.put_all([(key, value, revision)])
+    async def put(self, key: str, value: Any, revision: int) -> int:
+        """Write ``key`` if its revision is still ``revision`` (0: if it does not exist yet).
 
-    async def put_all(self, writes: list[Write]) -> bool:
-        """Every write or none, each checked against its revision; False if any key moved.
-
-        Several keys go as one atomic batch: every message but the last is
-        staged on the server with a plain publish, the last one carries
-        ``Nats-Batch-Commit`` and is the only one answered.
+        Returns the new revision, or 0 if the key had moved (nothing written).
         """
-        batch_id = self.nuid.next().decode()
-        for number, (key, value, revision) in enumerate(writes, start=1):
-            headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
-            if len(writes) > 1:
-                headers["Nats-Batch-Id"] = batch_id
-                headers["Nats-Batch-Sequence"] = str(number)
-            data = msgspec.json.encode(value)
-            if number < len(writes):
-                await self.nc.publish(self.subject(key), data, headers=headers)
-                continue
-            if len(writes) > 1:
-                headers["Nats-Batch-Commit"] = "1"
-            reply = await self.nc.request(self.subject(key), data, timeout=5.0, headers=headers)
-            error = msgspec.json.decode(reply.data).get("error")
-            if error is None:
-                return True
-            if error.get("err_code") == WRONG_LAST_SEQUENCE:
-                return False
-            raise RuntimeError(f"writing {key} to {self.name} failed: {error}")
-        raise ValueError("put_all needs at least one write")
+        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
+        data = msgspec.json.encode(value)
+        reply = await self.nc.request(self.subject(key), data, timeout=5.0, headers=headers)
+        answer = msgspec.json.decode(reply.data)
+        error = answer.get("error")
+        if error is None:
+            return int(answer["seq"])
+        if error.get("err_code") == WRONG_LAST_SEQUENCE:
+            return 0
+        raise RuntimeError(f"writing {key} to {self.name} failed: {error}")
 
 
 # --- payment: orders.created -> charge; stock.unavailable -> refund ---
@@ -141,15 +129,14 @@ async def payment(subject: str, body: Event, payments: Bucket, gateway: Bucket) 
 async def charge(order: Event, payments: Bucket, gateway: Bucket) -> Emitted:
     order_id = order["order_id"]
     key = f"payment.{order_id}"
+    total = sum(item["quantity"] * item["unit_price_cents"] for item in order["items"])
+    claim = {"status": "charging", "amount_cents": total, "charge_id": None, "reason": ""}
     while True:
-        record, revision = await payments.get(key)
-        if record is None:
-            # Claim the order before calling the gateway, then read the claim
-            # back, whoever won it: a refund arriving first must find it.
-            total = sum(item["quantity"] * item["unit_price_cents"] for item in order["items"])
-            claim = {"status": "charging", "amount_cents": total, "charge_id": None, "reason": ""}
-            await payments.put(key, claim, 0)
-            continue
+        # Claim the order before calling the gateway (a refund arriving first
+        # must find the claim); read only when a claim is there already.
+        record, revision = claim, await payments.put(key, claim, 0)
+        if not revision:
+            record, revision = await payments.get(key)
         if record["status"] != "charging":
             return charged_events(order_id, record)  # decided before: say the same again
         outcome = await gateway_charge(
@@ -197,9 +184,6 @@ async def refund(unavailable: Event, payments: Bucket, gateway: Bucket) -> Emitt
 async def gateway_charge(gateway: Bucket, idempotency_key: str, token: str, amount: int) -> Event:
     """The simulated gateway of orderflow/gateway.py: its memory is the ``gateway`` bucket."""
     key = f"charge.{idempotency_key}"
-    seen, _ = await gateway.get(key)
-    if seen is not None:
-        return dict(seen)
     if token == FLAKY_TOKEN and await gateway.put(f"attempt.{idempotency_key}", {}, 0):
         raise TryLater  # the gateway "timed out" on the first attempt
     record: Event = {"token": token, "amount_cents": amount, "charge_id": None, "declined": None}
@@ -208,12 +192,19 @@ async def gateway_charge(gateway: Bucket, idempotency_key: str, token: str, amou
     else:
         record["charge_id"] = "ch_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
     if not await gateway.put(key, record, 0):
-        seen, _ = await gateway.get(key)  # a concurrent call won: its answer stands
+        seen, _ = await gateway.get(key)  # asked before: the first answer stands
         return dict(seen)
     return record
 
 
 # --- stock: orders.created -> reserve every item or none; payments.failed -> release ---
+#
+# The protocol of functions/stock.py: each level change carries its proof
+# ("reserve:<order>" or "release:<order>" in the level's "pending"), the
+# order's record is the decision, settling removes the proofs and gives back
+# what an unavailable reservation or a duplicate took.
+
+Levels = dict[str, tuple[Any, int]]  # sku -> (level or None, revision)
 
 
 async def stock(subject: str, body: Event, shelf: Bucket) -> Emitted:
@@ -224,39 +215,43 @@ async def stock(subject: str, body: Event, shelf: Bucket) -> Emitted:
 
 async def reserve(order: Event, shelf: Bucket) -> Emitted:
     order_id = order["order_id"]
-    key = f"order.{order_id}"
+    key, op = f"order.{order_id}", f"reserve:{order_id}"
     wanted: dict[str, int] = {}
     for item in order["items"]:
         wanted[item["sku"]] = wanted.get(item["sku"], 0) + item["quantity"]
     while True:
-        existing, _ = await shelf.get(key)
-        if existing is not None:
-            return reservation_events(order_id, existing)
-        skus = list(wanted)
-        levels = await asyncio.gather(*(shelf.get(f"level.{sku}") for sku in skus))
-        available = {
-            sku: value["available"] if value else 0
-            for sku, (value, _) in zip(skus, levels, strict=True)
-        }
-        shortages = [
-            {"sku": sku, "requested": quantity, "available": available[sku]}
-            for sku, quantity in wanted.items()
-            if available[sku] < quantity
-        ]
-        record: Event
-        writes: list[Write]
+        (record, revision), levels = await asyncio.gather(
+            shelf.get(key), read_levels(shelf, list(wanted))
+        )
+        if record is not None:
+            await settle_all(shelf, order_id, record, revision, levels)
+            return reservation_events(order_id, record)
+        shortages, changes = [], {}
+        for sku, quantity in wanted.items():
+            level, level_revision = levels[sku]
+            level = level or {"available": 0}
+            pending = level.get("pending", {})
+            if op in pending:
+                continue  # taken by an earlier attempt
+            if level["available"] < quantity:
+                shortages.append(
+                    {"sku": sku, "requested": quantity, "available": level["available"]}
+                )
+                continue
+            taken = {"delta": -quantity, "based_on": level_revision}
+            changes[sku] = {"available": level["available"] - quantity,
+                            "pending": {**pending, op: taken}}  # fmt: skip
         if shortages:
-            record = {"status": "unavailable", "items": [], "shortages": shortages}
-            writes = [(key, record, 0)]
+            record, changes = {"status": "unavailable", "items": [], "shortages": shortages}, {}
         else:
             items = [{"sku": sku, "quantity": quantity} for sku, quantity in wanted.items()]
             record = {"status": "reserved", "items": items, "shortages": []}
-            writes = [
-                (f"level.{sku}", {"available": available[sku] - wanted[sku]}, revision)
-                for sku, (_, revision) in zip(skus, levels, strict=True)
-            ]
-            writes.append((key, record, 0))
-        if await shelf.put_all(writes):
+        written = await write_levels(shelf, levels, changes)
+        if written is None:
+            continue
+        revision = await shelf.put(key, record, 0)
+        if revision:
+            await settle_all(shelf, order_id, record, revision, written)
             return reservation_events(order_id, record)
 
 
@@ -268,7 +263,7 @@ def reservation_events(order_id: str, record: Event) -> Emitted:
 
 async def release(failed: Event, shelf: Bucket) -> Emitted:
     order_id = failed["order_id"]
-    key = f"order.{order_id}"
+    key, op = f"order.{order_id}", f"release:{order_id}"
     while True:
         record, revision = await shelf.get(key)
         if record is None:
@@ -277,17 +272,71 @@ async def release(failed: Event, shelf: Bucket) -> Emitted:
             raise TryLater
         if record["status"] == "unavailable":
             return []  # nothing is held
-        if record["status"] == "released":
-            return [event("stock.released", order_id, items=record["items"])]  # said before
         items = record["items"]
-        levels = await asyncio.gather(*(shelf.get(f"level.{i['sku']}") for i in items))
-        writes: list[Write] = [
-            (f"level.{i['sku']}", {"available": value["available"] + i["quantity"]}, level_rev)
-            for i, (value, level_rev) in zip(items, levels, strict=True)
-        ]
-        writes.append((key, {**record, "status": "released"}, revision))
-        if await shelf.put_all(writes):
+        levels = await read_levels(shelf, [i["sku"] for i in items])
+        if record["status"] == "released":
+            await settle_all(shelf, order_id, record, revision, levels)
+            return [event("stock.released", order_id, items=items)]  # said before
+        changes = {}
+        for item in items:
+            level, level_revision = levels[item["sku"]]
+            level = settled(level or {"available": 0}, order_id, record, revision)
+            pending = level.get("pending", {})
+            if op in pending:
+                continue  # given back by an earlier attempt
+            given = {"delta": item["quantity"], "based_on": level_revision}
+            changes[item["sku"]] = {"available": level["available"] + item["quantity"],
+                                    "pending": {**pending, op: given}}  # fmt: skip
+        written = await write_levels(shelf, levels, changes)
+        if written is None:
+            continue
+        released = {**record, "status": "released", "reserved_at": revision}
+        new_revision = await shelf.put(key, released, revision)
+        if new_revision:
+            await settle_all(shelf, order_id, released, new_revision, written)
             return [event("stock.released", order_id, items=items)]
+
+
+async def read_levels(shelf: Bucket, skus: list[str]) -> Levels:
+    found = await asyncio.gather(*(shelf.get(f"level.{sku}") for sku in skus))
+    return dict(zip(skus, found, strict=True))
+
+
+async def write_levels(shelf: Bucket, levels: Levels, changes: dict[str, Any]) -> Levels | None:
+    """Each change its own compare-and-set; the levels after, or None if one had moved."""
+    skus = list(changes)
+    revisions = await asyncio.gather(
+        *(shelf.put(f"level.{sku}", changes[sku], levels[sku][1]) for sku in skus)
+    )
+    if not all(revisions):
+        return None
+    return {**levels, **{sku: (changes[sku], r) for sku, r in zip(skus, revisions, strict=True)}}
+
+
+def settled(level: Event, order_id: str, record: Event, revision: int) -> Event:
+    """The level with the order's decided proofs gone (the rules of functions/stock.py)."""
+    reserved_at = record.get("reserved_at") or revision
+    available, pending = level["available"], dict(level.get("pending", {}))
+    taken = pending.pop(f"reserve:{order_id}", None)
+    if taken and (record["status"] == "unavailable" or taken["based_on"] > reserved_at):
+        available -= taken["delta"]
+    if record["status"] == "released":
+        given = pending.pop(f"release:{order_id}", None)
+        if given and given["based_on"] > revision:
+            available -= given["delta"]
+    return {"available": available, "pending": pending} if pending else {"available": available}
+
+
+async def settle_all(shelf: Bucket, order_id: str, record: Event, revision: int,
+                     levels: Levels) -> None:  # fmt: skip
+    async def one(sku: str, level: Any, level_revision: int) -> None:
+        while level is not None:
+            after = settled(level, order_id, record, revision)
+            if after == level or await shelf.put(f"level.{sku}", after, level_revision):
+                return
+            level, level_revision = await shelf.get(f"level.{sku}")
+
+    await asyncio.gather(*(one(sku, level, r) for sku, (level, r) in levels.items()))
 
 
 # --- delivery: payments.succeeded + stock.reserved, in any order -> delivery.scheduled ---
@@ -365,8 +414,6 @@ def terminal_events(order_id: str, state: Event) -> Emitted:
 
 
 async def order(subject: str, body: Event, orders: Bucket) -> Emitted:
-    if subject == "orders.created":
-        return []  # orderflow reads it only to answer invalid orders; nothing to do here
     order_id = body["order_id"]
     key = f"order.{order_id}"
     while True:
@@ -421,25 +468,53 @@ async def settle(js: JetStreamContext, msg: Msg, handle: Handler) -> None:
 
 
 async def consume(nc: Client, function: str, concurrency: int, stop: asyncio.Event) -> None:
+    """Pull as orderflow/pull.py does: keep up to ``concurrency`` messages asked for (each
+    request for at least half of that, open PULL_EXPIRES on the server), start each
+    message as it arrives, ask again as they finish or requests expire."""
     js = nc.jetstream()
     handle = handler_for(function, nc)
-    sub = await js.pull_subscribe_bind(durable=function, stream=STREAM)
+    inbox, next_subject = nc.new_inbox(), f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{function}"
+    requests: deque[list[float]] = deque()  # [messages still owed, expiry], oldest first
     in_hand: set[asyncio.Task[None]] = set()
+    wake = asyncio.Event()
+
+    async def arrived(msg: Msg) -> None:
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            if requests:
+                requests.popleft()  # expired (408) or ended: the oldest request is over
+            wake.set()
+            return
+        if requests:
+            requests[0][0] -= 1
+            if requests[0][0] == 0:
+                requests.popleft()
+        if stop.is_set() or len(in_hand) >= concurrency:
+            await msg.nak()
+            return
+        task = asyncio.create_task(settle(js, msg, handle))
+        in_hand.add(task)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        in_hand.discard(task)
+        wake.set()
+
+    sub = await nc.subscribe(inbox, cb=arrived)
     while not stop.is_set():
-        free = concurrency - len(in_hand)
-        if free == 0:
-            await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
-            continue
-        try:
-            msgs = await sub.fetch(batch=free, timeout=FETCH_TIMEOUT)
-        except (TimeoutError, nats.errors.TimeoutError):
-            continue  # nothing to do
-        for msg in msgs:
-            task = asyncio.create_task(settle(js, msg, handle))
-            in_hand.add(task)
-            task.add_done_callback(in_hand.discard)
-    if in_hand:
-        await asyncio.wait(in_hand)
+        wake.clear()  # before looking: a message finishing during the publish still wakes us
+        now = time.monotonic()
+        while requests and requests[0][1] + PULL_GRACE < now:
+            requests.popleft()  # never answered: lost
+        free = concurrency - len(in_hand) - int(sum(r[0] for r in requests))
+        if free > 0 and (not requests or free >= (concurrency + 1) // 2):
+            request = {"batch": free, "expires": int(PULL_EXPIRES * 1e9)}
+            await nc.publish(next_subject, json.dumps(request).encode(), reply=inbox)
+            requests.append([free, now + PULL_EXPIRES])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), PULL_EXPIRES)
+    while in_hand:
+        await asyncio.wait(set(in_hand))
+    await sub.unsubscribe()
 
 
 async def main(function: str, url: str, concurrency: int) -> None:

@@ -1,6 +1,8 @@
 """order: follow each order and announce exactly one terminal event.
 
-Reads every outcome the other functions publish and keeps a summary per order
+Reads the outcomes that can end an order (streams.yaml binds only those: a
+payment or a reservation that succeeded decides nothing until delivery is
+scheduled, though :func:`observe` accepts them) and keeps a summary per order
 in the ``orders`` bucket (``order.<ID>`` -> :class:`OrderState`). The order is
 
 * ``completed`` once delivery is scheduled;
@@ -105,9 +107,7 @@ def terminal_event(order_id: str, state: OrderState) -> list[Event]:
 
 async def handle(event: Event, store: Store) -> Sequence[Event]:
     if isinstance(event, OrderCreated):
-        # Valid orders need nothing from us yet; this binding exists so that
-        # an *invalid* one is answered with orders.rejected (see streams.yaml).
-        return []
+        return []  # nothing to follow until an outcome arrives (not bound in streams.yaml)
     trigger = subject_of(type(event))
 
     async def attempt() -> list[Event] | None:

@@ -9,9 +9,11 @@ same rules, so a handler tested on one behaves the same on the other:
 * ``get`` returns the value with its revision, or ``None``.
 * ``commit`` applies every write or none. Each write names the revision it was
   decided on (0: "the key must not exist yet"); if any key moved since,
-  nothing is written and ``commit`` returns ``False``: read again, decide
-  again. This is what lets two replicas, or a redelivery racing the original,
-  share state without double-counting.
+  nothing is written and ``commit`` returns 0: read again, decide again.
+  Otherwise it returns the new revision (of the last write), so a handler can
+  write the key again without reading it back. This is what lets two
+  replicas, or a redelivery racing the original, share state without
+  double-counting.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class Write:
 class Store(Protocol):
     async def get(self, key: str, type: type[T]) -> Versioned[T] | None: ...
 
-    async def commit(self, *writes: Write) -> bool: ...
+    async def commit(self, *writes: Write) -> int:
+        """The new revision of the (last) key written; 0: a key moved, nothing was written."""
+        ...
 
 
 class MemoryStore:
@@ -61,16 +65,16 @@ class MemoryStore:
         raw, revision = found
         return Versioned(msgspec.json.decode(raw, type=type), revision)
 
-    async def commit(self, *writes: Write) -> bool:
+    async def commit(self, *writes: Write) -> int:
         for write in writes:
             current = self.data.get(write.key)
             if (current[1] if current else 0) != write.revision:
-                return False
+                return 0
         for write in writes:
             # One counter for the whole store, like a KV bucket's stream sequence.
             self._revision += 1
             self.data[write.key] = (msgspec.json.encode(write.value), self._revision)
-        return True
+        return self._revision
 
 
 #: How often a handler re-reads and re-decides after losing a compare-and-set

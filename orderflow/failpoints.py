@@ -2,7 +2,9 @@
 
 Off unless ``ORDERFLOW_CRASH`` is set, as ``POINT:FUNCTION:ORDER_ID[:SUBJECT]``
 with POINT one of :data:`POINTS` (for ``after-charge``, the gateway's
-idempotency key ``charge-<ORDER_ID>`` stands for the order id). The process
+idempotency key ``charge-<ORDER_ID>`` stands for the order id; for
+``after-write``, ``after-write:BUCKET:KEY[:N]``, the N-th write of that key by
+the process, 1 if left out). The process
 then SIGKILLs itself the first time it reaches that point for that order (and
 input subject), leaving no chance to clean up, exactly like a power cut.
 ``ORDERFLOW_CRASH_MARKER`` names a file created just before dying, so the
@@ -20,6 +22,7 @@ POINTS = (
     "after-charge",  # the gateway charged; payment has not recorded it
     "after-handle",  # the handler committed its state; nothing is published
     "after-publish",  # every output is published and acked; the input is not acked
+    "after-write",  # a KV write is acked (e.g. one SKU of a reservation); the handler goes on
 )
 
 _SPEC = os.environ.get("ORDERFLOW_CRASH", "")
@@ -29,6 +32,11 @@ _MARKER = os.environ.get("ORDERFLOW_CRASH_MARKER", "")
 # reached": fail at start instead, naming the points there are.
 if _SPEC and _SPEC.split(":")[0] not in POINTS:
     raise ValueError(f"ORDERFLOW_CRASH={_SPEC!r}: the point must be one of {', '.join(POINTS)}")
+
+
+def armed(point: str) -> bool:
+    """Whether a crash is set at ``point``: lets a hot path skip the bookkeeping otherwise."""
+    return _SPEC.split(":")[0] == point
 
 
 def crash_point(point: str, function: str, order_id: str, subject: str = "") -> None:

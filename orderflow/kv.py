@@ -11,8 +11,8 @@ own expected sequence, and the server applies all of them or none.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from collections import Counter
 from typing import TypeVar
 
 import msgspec
@@ -23,6 +23,7 @@ from nats.nuid import NUID
 
 from functions.state import Versioned, Write
 from orderflow import election
+from orderflow.failpoints import armed, crash_point
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -38,6 +39,24 @@ class KvError(Exception):
     pass
 
 
+class _ApiError(msgspec.Struct):
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    """The stream's answer to a publish: its sequence, or an error."""
+
+    seq: int = 0
+    error: _ApiError | None = None
+
+
+_decode_ack = msgspec.json.Decoder(_PubAck).decode
+
+#: Tests crash a function right after a given write (orderflow/failpoints.py).
+failpoints_armed = armed("after-write")
+
+
 def stream_name(bucket: str) -> str:
     return f"KV_{bucket}"
 
@@ -50,6 +69,7 @@ class KvStore:
         self.stream = stream_name(bucket)
         self.timeout = timeout
         self._nuid = NUID()
+        self._written: Counter[str] = Counter()  # writes per key, for the after-write failpoint
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"
@@ -64,7 +84,15 @@ class KvStore:
         assert msg.data is not None and msg.seq is not None
         return Versioned(msgspec.json.decode(msg.data, type=type), msg.seq)
 
-    async def commit(self, *writes: Write) -> bool:
+    async def commit(self, *writes: Write) -> int:
+        revision = await self._commit(writes)
+        if revision and failpoints_armed:
+            for write in writes:
+                self._written[write.key] += 1
+                crash_point("after-write", self.bucket, write.key, str(self._written[write.key]))
+        return revision
+
+    async def _commit(self, writes: tuple[Write, ...]) -> int:
         if len(writes) == 1:
             write = writes[0]
             headers = {EXPECTED_SUBJECT_SEQ: str(write.revision)}
@@ -82,7 +110,7 @@ class KvStore:
                     raise
                 await asyncio.sleep(election.POLL)
 
-    async def _batch(self, writes: tuple[Write, ...]) -> bool:
+    async def _batch(self, writes: tuple[Write, ...]) -> int:
         # An atomic batch: the writes stage on the server and apply, or not,
         # when the last one (the commit) arrives; only the commit is answered.
         batch_id = self._nuid.next().decode()
@@ -101,16 +129,16 @@ class KvStore:
                 return await self._publish(write, headers, through_election=False)
         raise AssertionError("unreachable")
 
-    async def _publish(self, write: Write, headers: dict[str, str], through_election: bool) -> bool:
+    async def _publish(self, write: Write, headers: dict[str, str], through_election: bool) -> int:
+        """The new revision; 0 when the key moved (compare-and-set lost)."""
         subject, payload = self._subject(write.key), msgspec.json.encode(write.value)
         if through_election:
             reply = await election.request(self.nc, subject, payload, self.timeout, headers)
         else:
             reply = await self.nc.request(subject, payload, timeout=self.timeout, headers=headers)
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error is None:
-            return True
-        if error.get("err_code") in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_FLIGHT):
-            return False
-        raise KvError(f"{self.bucket}: writing {write.key!r} failed: {error.get('description')}")
+        answer = _decode_ack(reply.data)
+        if answer.error is None:
+            return answer.seq
+        if answer.error.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_FLIGHT):
+            return 0
+        raise KvError(f"{self.bucket}: writing {write.key!r} failed: {answer.error.description}")

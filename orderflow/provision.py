@@ -260,7 +260,7 @@ async def seed_levels(store: Store, stock: dict[str, int]) -> int:
     """Create each SKU's level where it has none; returns how many were created."""
     seeded = 0
     for sku, units in stock.items():
-        seeded += await store.commit(Write(level_key(sku), Level(units), 0))
+        seeded += bool(await store.commit(Write(level_key(sku), Level(units), 0)))
     return seeded
 
 

@@ -1,8 +1,9 @@
 """One function as one OS process: connect, reconcile its consumers, consume until told to stop.
 
-SIGTERM and SIGINT stop fetching; messages already fetched are seen through
-and acked, the connection is flushed and closed. Nothing in hand is dropped,
-and nothing is left to come back after ack_wait.
+SIGTERM and SIGINT stop asking for messages; messages already in hand are
+seen through and acked, anything that still arrives is handed back at once,
+the connection is flushed and closed. Nothing in hand is dropped, and nothing
+is left to come back after ack_wait.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ async def serve(
         await service.stop()
         log.info("%s: stopping: in-flight messages settled", function)
     finally:
-        # close(), not drain(): after a timed-out fetch drain can block for its
-        # whole timeout (30 s). Everything we sent is flushed first.
+        # close(), not drain(): drain was seen to block for its whole timeout
+        # (30 s) after a timed-out fetch. Everything we sent is flushed first.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(), 2.0)
         await nc.close()

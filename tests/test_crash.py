@@ -5,7 +5,9 @@ Each case crashes one function once, at one failpoint (see
 charged but before payment recorded it, after a handler committed its state
 but before it published, and after it published but before it acked. The
 supervisor restarts the process, the input is redelivered after ack_wait, and
-the order must still end exactly once with no effect doubled or lost.
+the order must still end exactly once with no effect doubled or lost. Stock is
+also killed between its own writes (no write spans two keys: a reservation is
+a few single-key writes), after the n-th write of a given key.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tests.flowkit import Flow, order, terminal_counts
 HAPPY = order("crash-1")
 OUT_OF_STOCK = order("crash-1", BOOK_42=1, SOLD_OUT_1=1)
 DECLINED = order("crash-1", token="tok_declined")
+TWO_SKUS = order("crash-1", BOOK_42=2, MUG_7=1)
+TWO_SKUS_DECLINED = order("crash-1", token="tok_declined", BOOK_42=2, MUG_7=1)
 
 CASES = [
     # (failpoint, function, input subject, order, outcome, the effect to count)
@@ -41,6 +45,16 @@ CASES = [
     ("after-publish", "delivery", "stock.reserved", HAPPY, "completed"),
     ("after-handle", "order", "delivery.scheduled", HAPPY, "completed"),
     ("after-publish", "order", "delivery.scheduled", HAPPY, "completed"),
+    # No stock write spans two keys, so stock can also die between its writes
+    # (after-write: the third field is the key and which write of it):
+    # BOOK-42 taken (MUG-7 maybe), nothing decided;
+    ("after-write", "stock", "level.BOOK-42:1", TWO_SKUS, "completed"),
+    # the reservation decided, the levels' proofs not settled;
+    ("after-write", "stock", "order.crash-1:1", TWO_SKUS, "completed"),
+    # BOOK-42 given back (its 3rd write: taken, settled, given back), not decided;
+    ("after-write", "stock", "level.BOOK-42:3", TWO_SKUS_DECLINED, "cancelled"),
+    # the release decided, not settled.
+    ("after-write", "stock", "order.crash-1:2", TWO_SKUS_DECLINED, "cancelled"),
 ]
 
 
@@ -96,6 +110,8 @@ async def test_crash_at_the_worst_moment(
     }
     if point == "after-charge":  # the gateway knows idempotency keys, not orders or subjects
         env["ORDERFLOW_CRASH"] = f"{point}:{function}:charge-{o.order_id}"
+    if point == "after-write":  # the store knows its bucket and keys
+        env["ORDERFLOW_CRASH"] = f"{point}:stock:{subject}"
     flow = await start_flow(config_path=config, env=env)
     before = set(flow.supervisor.pids(function))
     await flow.publish(o)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
 from functions import stock
 from functions.errors import Retry
 from functions.events import (
+    Event,
     OrderCreated,
     OrderItem,
     PaymentFailed,
@@ -18,9 +20,17 @@ from functions.events import (
     StockReserved,
     StockUnavailable,
 )
-from functions.state import MemoryStore, Write
-from functions.stock import Level, Reservation, decide_release, decide_reservation, events_for
-from tests.stores import InterleavingStore
+from functions.state import MemoryStore, Store, Versioned, Write
+from functions.stock import (
+    Level,
+    Pending,
+    Reservation,
+    decide_release,
+    decide_reservation,
+    events_for,
+    settle,
+)
+from tests.stores import Crashed, CrashingStore, HookedStore, InterleavingStore
 
 
 def order(order_id: str, *lines: tuple[str, int]) -> OrderCreated:
@@ -39,45 +49,105 @@ async def stocked(**levels: int) -> MemoryStore:
     return store
 
 
-async def level(store: MemoryStore, sku: str) -> int:
+async def level(store: Store, sku: str) -> int:
+    """Units on the shelf; every change must be settled (no proof left pending)."""
     found = await store.get(stock.level_key(sku), Level)
     assert found is not None
+    assert found.value.pending == {}, found
     return found.value.available
 
 
 # --- pure decisions -----------------------------------------------------------
 
 
+def versioned(revision: int = 1, **levels: int) -> dict[str, Versioned[Level] | None]:
+    return {sku: Versioned(Level(units), revision) for sku, units in levels.items()}
+
+
 def test_decide_reservation_takes_everything() -> None:
-    reservation, levels = decide_reservation(order("o-1", ("A", 2), ("B", 1)), {"A": 5, "B": 1})
+    lines = stock.wanted(order("o-1", ("A", 2), ("B", 1)))
+    reservation, levels = decide_reservation("o-1", lines, versioned(7, A=5, B=1))
     assert reservation == Reservation("reserved", items=[StockLine("A", 2), StockLine("B", 1)])
-    assert levels == {"A": 3, "B": 0}
+    assert levels == {
+        "A": Level(3, {"reserve:o-1": Pending(-2, based_on=7)}),
+        "B": Level(0, {"reserve:o-1": Pending(-1, based_on=7)}),
+    }
 
 
 def test_decide_reservation_takes_nothing_when_one_sku_is_short() -> None:
-    reservation, levels = decide_reservation(order("o-1", ("A", 2), ("B", 3)), {"A": 5, "B": 1})
+    lines = stock.wanted(order("o-1", ("A", 2), ("B", 3)))
+    reservation, levels = decide_reservation("o-1", lines, versioned(A=5, B=1))
     assert reservation == Reservation("unavailable", shortages=[Shortage("B", 3, 1)])
     assert levels == {}
 
 
 def test_decide_reservation_unknown_sku_has_nothing() -> None:
-    reservation, _ = decide_reservation(order("o-1", ("GHOST", 1)), {})
+    reservation, _ = decide_reservation("o-1", [StockLine("GHOST", 1)], {"GHOST": None})
     assert reservation.shortages == [Shortage("GHOST", 1, 0)]
 
 
 def test_decide_reservation_aggregates_duplicate_skus() -> None:
-    reservation, levels = decide_reservation(order("o-1", ("A", 2), ("A", 3)), {"A": 5})
+    lines = stock.wanted(order("o-1", ("A", 2), ("A", 3)))
+    reservation, levels = decide_reservation("o-1", lines, versioned(A=5))
     assert reservation.items == [StockLine("A", 5)]
-    assert levels == {"A": 0}
-    short, _ = decide_reservation(order("o-1", ("A", 2), ("A", 3)), {"A": 4})
+    assert levels["A"].available == 0
+    short, _ = decide_reservation("o-1", lines, versioned(A=4))
     assert short.shortages == [Shortage("A", 5, 4)]
 
 
-def test_decide_release() -> None:
-    held = Reservation("reserved", items=[StockLine("A", 2)])
-    assert decide_release(held, {"A": 1}) == (Reservation("released", items=held.items), {"A": 3})
-    for final in ("released", "unavailable"):
-        assert decide_release(Reservation(final), {}) == (None, {})
+def test_decide_reservation_counts_what_an_earlier_attempt_took() -> None:
+    # A is already taken for o-1 (its proof is on the level): only B is left to take.
+    taken = Level(0, {"reserve:o-1": Pending(-2, based_on=3)})
+    levels = {"A": Versioned(taken, 4), "B": Versioned(Level(1), 5)}
+    lines = [StockLine("A", 2), StockLine("B", 1)]
+    reservation, changes = decide_reservation("o-1", lines, levels)
+    assert reservation.status == "reserved"
+    assert changes == {"B": Level(0, {"reserve:o-1": Pending(-1, based_on=5)})}
+
+
+def test_settle_keeps_a_decided_reservation_and_drops_its_proof() -> None:
+    level = Level(3, {"reserve:o-1": Pending(-2, based_on=4), "reserve:o-2": Pending(-1, 5)})
+    reserved = Versioned(Reservation("reserved", items=[StockLine("A", 2)]), 9)
+    assert settle(level, "o-1", reserved) == Level(3, {"reserve:o-2": Pending(-1, 5)})
+
+
+def test_settle_gives_back_what_an_unavailable_reservation_took() -> None:
+    level = Level(3, {"reserve:o-1": Pending(-2, based_on=4)})
+    unavailable = Versioned(Reservation("unavailable", shortages=[Shortage("B", 1, 0)]), 9)
+    assert settle(level, "o-1", unavailable) == Level(5)
+
+
+def test_settle_gives_back_a_proof_written_after_the_decision() -> None:
+    # Decided at revision 9: a proof decided on revision 12 was written by an
+    # execution that had not seen the decision (the first proof was settled already).
+    duplicate = Level(1, {"reserve:o-1": Pending(-2, based_on=12)})
+    reserved = Versioned(Reservation("reserved", items=[StockLine("A", 2)]), 9)
+    assert settle(duplicate, "o-1", reserved) == Level(3)
+    released = Versioned(Reservation("released", [StockLine("A", 2)], reserved_at=9), 20)
+    assert settle(duplicate, "o-1", released) == Level(3)
+
+
+def test_settle_leaves_a_release_alone_until_it_is_decided() -> None:
+    level = Level(5, {"release:o-1": Pending(2, based_on=14)})
+    reserved = Versioned(Reservation("reserved", items=[StockLine("A", 2)]), 9)
+    assert settle(level, "o-1", reserved) is level
+    released = Versioned(Reservation("released", [StockLine("A", 2)], reserved_at=9), 20)
+    assert settle(level, "o-1", released) == Level(5)
+    late = Level(7, {"release:o-1": Pending(2, based_on=23)})
+    assert settle(late, "o-1", released) == Level(5)
+
+
+def test_decide_release_gives_back_each_sku_once() -> None:
+    reserved = Versioned(Reservation("reserved", items=[StockLine("A", 2), StockLine("B", 1)]), 9)
+    levels = {
+        # A still carries the reservation's proof (not settled yet): settled on the way.
+        "A": Versioned(Level(3, {"reserve:o-1": Pending(-2, based_on=4)}), 10),
+        # B was given back by an earlier attempt.
+        "B": Versioned(Level(6, {"release:o-1": Pending(1, based_on=11)}), 12),
+    }
+    assert decide_release("o-1", reserved, levels) == {
+        "A": Level(5, {"release:o-1": Pending(2, based_on=10)})
+    }
 
 
 def test_events_for() -> None:
@@ -203,3 +273,125 @@ async def test_failed_payment_racing_the_order_leaves_the_shelf_whole() -> None:
     # ...and its retry releases the reservation.
     assert await stock.handle(declined("o-1"), store) == [StockReleased("o-1", [StockLine("A", 2)])]
     assert await level(store, "A") == 5
+
+
+# --- crashes and overlapping executions of the same order ----------------------
+#
+# No write spans two keys, so a process can die between any two of them. Each
+# case below stops a handler after every possible write in turn and lets the
+# redelivery (and, separately, two redeliveries at once) finish the job.
+
+TWO_SKUS = order("o-1", ("A", 2), ("B", 1))
+
+
+async def writes_of(
+    run: Callable[[Store], Awaitable[object]], setup: Callable[[Store], Awaitable[None]]
+) -> int:
+    """How many writes ``run`` makes on a fresh store prepared by ``setup``."""
+    store = CrashingStore(crash_after=10_000)
+    await setup(store)
+    before = store.written
+    await run(store)
+    return store.written - before
+
+
+async def shelf(store: Store) -> None:
+    assert await store.commit(Write(stock.level_key("A"), Level(5), 0))
+    assert await store.commit(Write(stock.level_key("B"), Level(2), 0))
+
+
+async def reserved_shelf(store: Store) -> None:
+    await shelf(store)
+    await stock.handle(TWO_SKUS, store)
+
+
+@pytest.mark.parametrize("racing", [False, True], ids=["redelivered", "redelivered-twice-at-once"])
+async def test_reservation_survives_a_crash_after_any_write(racing: bool) -> None:
+    total = await writes_of(lambda s: stock.handle(TWO_SKUS, s), shelf)
+    assert total == 5  # proof on A, proof on B, the decision, settling A and B
+    for crash_after in range(1, total + 1):
+        store = CrashingStore(crash_after=crash_after + 2)  # + the 2 writes of the shelf
+        await shelf(store)
+        with pytest.raises(Crashed):
+            await stock.handle(TWO_SKUS, store)
+        after = store.restarted()
+        again = [stock.handle(TWO_SKUS, after) for _ in range(2 if racing else 1)]
+        for events in await asyncio.gather(*again):
+            assert events == [StockReserved("o-1", [StockLine("A", 2), StockLine("B", 1)])]
+        assert (await level(after, "A"), await level(after, "B")) == (3, 1), crash_after
+
+
+async def test_release_survives_a_crash_after_any_write() -> None:
+    total = await writes_of(lambda s: stock.handle(declined("o-1"), s), reserved_shelf)
+    assert total == 5  # given back on A and B, the decision, settling A and B
+    for crash_after in range(1, total + 1):
+        store = CrashingStore(crash_after=10_000)
+        await reserved_shelf(store)
+        store.crash_after = store.written + crash_after
+        with pytest.raises(Crashed):
+            await stock.handle(declined("o-1"), store)
+        after = store.restarted()
+        first, second = await asyncio.gather(
+            stock.handle(declined("o-1"), after), stock.handle(declined("o-1"), after)
+        )
+        assert first == second == [StockReleased("o-1", [StockLine("A", 2), StockLine("B", 1)])]
+        assert (await level(after, "A"), await level(after, "B")) == (5, 2), crash_after
+
+
+async def test_an_execution_that_missed_the_decision_gives_back_its_duplicate() -> None:
+    # Execution Y reads the record (none yet), then pauses; X reserves the same
+    # order completely meanwhile, proof settled and all. Y then finds no proof
+    # on A, takes A again, loses the decision to X and must give that back.
+    store = await stocked(A=5)
+    created = order("o-1", ("A", 2))
+    x_answer: list[Sequence[Event]] = []
+
+    async def x_runs_to_the_end() -> None:
+        x_answer.append(await stock.handle(created, store))
+
+    y = HookedStore(store, before_read={stock.level_key("A"): x_runs_to_the_end})
+    assert await stock.handle(created, y) == [StockReserved("o-1", [StockLine("A", 2)])]
+    assert x_answer == [[StockReserved("o-1", [StockLine("A", 2)])]]
+    decided = await store.get(stock.order_key("o-1"), Reservation)
+    assert decided is not None
+    duplicates = [
+        value
+        for key, value, _ in y.writes
+        if isinstance(value, Level) and "reserve:o-1" in value.pending
+    ]
+    assert duplicates, "Y really took A a second time"
+    assert all(d.pending["reserve:o-1"].based_on > decided.revision for d in duplicates)
+    assert await level(store, "A") == 3
+
+
+async def test_an_execution_that_saw_a_shortage_can_decide_for_both() -> None:
+    # Y reads A while it is empty and will decide "unavailable". Before Y
+    # records that, 2 units come back to A and X, another execution of the same
+    # order, takes them and B, stopping just before recording "reserved". Y
+    # records first: X adopts Y's decision and what X took goes back.
+    store = await stocked(A=0, B=5)
+    created = order("o-1", ("A", 2), ("B", 1))
+    x_took, y_decided = asyncio.Event(), asyncio.Event()
+
+    async def x_pauses() -> None:
+        x_took.set()
+        await y_decided.wait()
+
+    x = HookedStore(store, before_write={stock.order_key("o-1"): x_pauses})
+    x_task: asyncio.Task[Sequence[Event]] | None = None
+
+    async def restock_and_let_x_take() -> None:
+        nonlocal x_task
+        a = await store.get(stock.level_key("A"), Level)
+        assert a is not None and await store.commit(
+            Write(stock.level_key("A"), Level(2), a.revision)
+        )
+        x_task = asyncio.create_task(stock.handle(created, x))
+        await x_took.wait()
+
+    y = HookedStore(store, before_write={stock.order_key("o-1"): restock_and_let_x_take})
+    unavailable = [StockUnavailable("o-1", [Shortage("A", requested=2, available=0)])]
+    assert await stock.handle(created, y) == unavailable
+    y_decided.set()
+    assert x_task is not None and await x_task == unavailable
+    assert (await level(store, "A"), await level(store, "B")) == (2, 5)

@@ -62,7 +62,7 @@ class UncertainStore(MemoryStore):
             return Versioned(msgspec.json.decode(old[0], type=type), old[1])
         return await super().get(key, type)
 
-    async def commit(self, *writes: Write) -> bool:
+    async def commit(self, *writes: Write) -> int:
         number, self.commits = self.commits, self.commits + 1
         before = {w.key: self.data.get(w.key) for w in writes}
         applied = await super().commit(*writes)
@@ -171,9 +171,11 @@ async def test_a_read_lagging_behind_a_release_does_not_make_stock_short() -> No
     assert await store.commit(Write(level_key("MUG-7"), Level(1), 0))
     first = OrderCreated("o-1", "c-7", [OrderItem("MUG-7", 1, 899)], payment_token="tok_visa")
     second = OrderCreated("o-2", "c-8", [OrderItem("MUG-7", 1, 899)], payment_token="tok_visa")
-    store.lagging = True
-    await deliver(stock.handle, store, [first, PaymentFailed("o-1", 899, reason="card_declined")])
+    await deliver(stock.handle, store, [first])
+    taken = store.data[level_key("MUG-7")]  # the shelf empty, as o-1 left it
+    await deliver(stock.handle, store, [PaymentFailed("o-1", 899, reason="card_declined")])
     # The release is applied (the shelf holds 1 again); a replica that has not
-    # applied it yet would still say 0.
+    # applied it (nor the writes that settled it) yet still says 0.
+    store._stale[level_key("MUG-7")] = taken
     answers = await deliver(stock.handle, store, [second])
     assert answers == [[StockReserved("o-2", [StockLine("MUG-7", 1)])]]
