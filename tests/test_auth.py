@@ -118,15 +118,19 @@ def test_permissions_follow_the_topology(topology: Topology) -> None:
         "payments.succeeded",
         "payments.failed",
         "payments.refunded",
+        "orders.rejected",  # payment answers invalid orders
         "dlq.payment",
         "retries.payment",
     )
     assert users["payment"].subscribe[0] == "_INBOX_payment.>"
     # The client publishes what no function emits, and reads what no function consumes.
-    assert users["client"] == auth.Permissions(
-        publish=("orders.created",),
-        subscribe=("orders.completed", "orders.cancelled", "orders.rejected", "_INBOX_client.>"),
-    )
+    assert users["client"].publish == ("orders.created",)
+    assert set(users["client"].subscribe) == {
+        "orders.completed",
+        "orders.cancelled",
+        "orders.rejected",
+        "_INBOX_client.>",
+    }
     for name in topology.functions:
         allowed = users[name].publish
         assert "orders.created" not in allowed
@@ -288,7 +292,7 @@ async def test_the_flow_completes_under_least_privilege(secure: Secure, topology
         seen = await flow.by_order()
         assert "stock.released" in seen["sec-declined"]
         assert "payments.refunded" in seen["sec-oos"]
-        assert {d.function for d in await flow.dead_letters()} == {"payment", "stock", "order"}
+        assert {d.function for d in await flow.dead_letters()} == {"payment", "stock"}
         # The flaky card's retry was noted (and sec-oos's, when stock was quicker than payment).
         notes = await flow.read("RETRIES")
         assert {n.subject for n in notes} == {"retries.payment"}
