@@ -488,9 +488,10 @@ async def consume(nc: Client, function: str, concurrency: int, stop: asyncio.Eve
             requests[0][0] -= 1
             if requests[0][0] == 0:
                 requests.popleft()
-        if stop.is_set() or len(in_hand) >= concurrency:
+        if stop.is_set():
             await msg.nak()
             return
+        # More than concurrency may arrive: taken anyway, as orderflow/pull.py does.
         task = asyncio.create_task(settle(js, msg, handle))
         in_hand.add(task)
         task.add_done_callback(finished)
