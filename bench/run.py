@@ -65,6 +65,7 @@ from functions.state import Write
 from functions.stock import Level
 from orderflow import config as config_mod
 from orderflow.config import BucketSpec, Topology
+from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
 from orderflow.demo import Tally, make_orders, payload, percentile
 from orderflow.kv import KvStore
 from orderflow.provision import Report, bucket_config, ensure_stream, provision
@@ -75,7 +76,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "streams.yaml"
 BARE = ROOT / "bench" / "bare.py"
 PY_SPY = Path(sys.executable).parent / "py-spy"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 #: What each path of the demo's order mix must end as; anything else is a bug.
 EXPECTED_OUTCOME = {
@@ -135,23 +135,6 @@ def runtime_version() -> str:
 
 
 # --- CPU time from /proc --------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    # The command name (field 2) may hold spaces: count fields after its ')'.
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_ticks() -> list[int]:
-    """The first line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
-    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
 @dataclass

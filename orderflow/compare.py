@@ -53,14 +53,13 @@ from orderflow import trace as trace_mod
 from orderflow.config import MODES, Topology, subject_matches
 from orderflow.connect import connect
 from orderflow.context import CORRELATION_ID, FUNCTION
+from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
 from orderflow.kv import stream_name
 from orderflow.provision import provision
 from orderflow.replay import wait_until_quiet
 from orderflow.server import EmbeddedServer
 from orderflow.streamlog import read_stream
 from orderflow.supervisor import Supervisor
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 #: The step a new one is modelled on when counting who would have to change:
 #: stock can fail, and its failure and its success are read by others.
@@ -214,21 +213,6 @@ class ModeResult:
     processes_died: int = 0
     outcomes: dict[str, str] = field(default_factory=dict)  # order id -> completed/cancelled
     reasons: dict[str, str] = field(default_factory=dict)  # order id -> why it was cancelled
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds; 0 if it is gone (as bench/run.py reads it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _machine_ticks() -> list[int]:
-    """All CPUs' time so far, from /proc/stat: user nice system idle iowait irq softirq steal."""
-    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
 def _median(values: Iterable[float]) -> float:
@@ -535,7 +519,7 @@ async def _measure(
         mixed = demo.make_orders(settings.orders, run_id=run_id, seed=settings.seed)
         appended, delivered = await _appended(nc, topology), await _delivered(nc, topology)
         cpu = _cpu(server_pid, supervisor, topology.functions)
-        ticks = _machine_ticks()  # until the end of the paced run: both measure speed
+        ticks = machine_ticks()  # until the end of the paced run: both measure speed
         summary = await demo.run_orders(nc, mixed, timeout=settings.timeout)
         await wait_until_quiet(nc, topology, timeout=settings.timeout, settle=0.2)
         cpu_after = _cpu(server_pid, supervisor, topology.functions)
@@ -570,7 +554,7 @@ async def _measure(
             result.paced_rate = settings.rate
             result.paced_p50_ms = round(demo.percentile(latencies, 50), 1)
             result.paced_p99_ms = round(demo.percentile(latencies, 99), 1)
-        ticks = [b - a for a, b in zip(ticks, _machine_ticks(), strict=True)]
+        ticks = [b - a for a, b in zip(ticks, machine_ticks(), strict=True)]
         total, idle = sum(ticks) or 1, ticks[3] + ticks[4]  # idle + iowait
         ours = sum(_cpu(server_pid, supervisor, topology.functions).values()) - sum(cpu.values())
         result.machine_other_pct = round(100 * max(0, total - idle - ours * CLOCK_TICKS) / total, 1)
