@@ -69,7 +69,7 @@ from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
 from orderflow.demo import Tally, make_orders, payload, percentile
 from orderflow.kv import KvStore
 from orderflow.provision import Report, bucket_config, ensure_stream, provision
-from orderflow.server import EmbeddedServer, binary
+from orderflow.server import EmbeddedServer, binary, stop_all
 from orderflow.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,16 +218,7 @@ class BareFleet:
         return alive
 
     def stop(self) -> None:
-        running = [p for _, p in self.processes if p.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all([p for _, p in self.processes])
 
 
 # --- one measurement ------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from orderflow.config import BucketSpec, ConfigError, StreamSpec, Topology
-from orderflow.server import binary, port_is_free, wait_for_port
+from orderflow.server import binary, port_is_free, stop_all, wait_for_port
 
 log = logging.getLogger("orderflow.cluster")
 
@@ -255,16 +255,7 @@ class EmbeddedCluster:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every node at once (one by one, the last ones would hold elections)."""
-        running = [n.process for n in self.nodes if n.process and n.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all([n.process for n in self.nodes if n.process is not None], timeout)
 
 
 def default_ports(size: int, first: int = 4222) -> list[int] | None:

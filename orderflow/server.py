@@ -59,6 +59,24 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
             time.sleep(0.02)
 
 
+def stop_all(processes: list[subprocess.Popen[bytes]], grace: float = 10.0) -> list[int]:
+    """SIGTERM every process at once, then wait; kill whoever ignores it for ``grace``
+    seconds. Returns the pids that had to be killed."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    killed = []
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            killed.append(process.pid)
+    return killed
+
+
 class EmbeddedServer:
     """One nats-server process with JetStream, on loopback, storing under ``store_dir``."""
 

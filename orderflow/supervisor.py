@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orderflow.connect import CREDENTIAL_VARS
+from orderflow.server import stop_all
 
 log = logging.getLogger("orderflow.supervisor")
 
@@ -132,14 +132,6 @@ class Supervisor:
 
     def stop(self) -> None:
         self.stopping = True
-        running = [c.process for c in self.children if c.process and c.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d ignored SIGTERM for %.0fs; killing it", process.pid, self.grace)
-                process.kill()
-                process.wait()
+        running = [c.process for c in self.children if c.process is not None]
+        for pid in stop_all(running, self.grace):
+            log.warning("pid %d ignored SIGTERM for %.0fs; killed it", pid, self.grace)
