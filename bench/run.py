@@ -68,7 +68,7 @@ from orderflow.config import BucketSpec, Topology
 from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
 from orderflow.demo import Tally, make_orders, payload, percentile
 from orderflow.kv import KvStore
-from orderflow.provision import Report, bucket_config, ensure_stream, provision
+from orderflow.provision import Report, bucket_config, ensure_stream, provision_at
 from orderflow.server import EmbeddedServer, binary, stop_all
 from orderflow.supervisor import Supervisor
 
@@ -440,14 +440,6 @@ async def measure(
     result.backlog_max = {n: max(s, default=0) for n, s in samples.items()}
 
 
-async def provision_fresh(url: str, topology: Topology) -> None:
-    nc = await nats.connect(url, name="bench-provision")
-    try:
-        await provision(nc, topology, ROOT)
-    finally:
-        await nc.close()
-
-
 @dataclass
 class Setup:
     """What every run shares: the topology (streams.yaml, maybe with experiment overrides)."""
@@ -488,7 +480,7 @@ def run_config(
         server.start()
         try:
             assert server.process is not None
-            asyncio.run(provision_fresh(server.url, setup.topology))
+            asyncio.run(provision_at(server.url, setup.topology, ROOT))
             log_dir = Path(tmp) / "logs"
             fleet: Fleet = (
                 FrameworkFleet(server.url, config, replicas, log_dir)
@@ -623,7 +615,7 @@ def drain_once(setup: Setup, impl: str, function: str, orders: int) -> Drained:
         server.start()
         try:
             assert server.process is not None
-            asyncio.run(provision_fresh(server.url, setup.topology))
+            asyncio.run(provision_at(server.url, setup.topology, ROOT))
             messages = asyncio.run(preload(server.url, function, orders))
             server_before = cpu_seconds(server.process.pid)
             alone = {function: 1}

@@ -95,15 +95,13 @@ def _commanded(build: Callable[[Buckets], Handler]) -> Callable[[Buckets], Handl
 def _orchestrator(topology: Topology) -> Callable[[Buckets], Handler]:
     assert topology.orchestration is not None  # mode orchestration is loaded only with it
     steps = topology.orchestration.steps
-    policy: orchestrator.Policy = {
-        step: orchestrator.StepPolicy(
-            timeout_ms=round(seconds(spec.timeout) * 1000),
-            on_timeout=spec.on_timeout,
-            attempts=spec.attempts,
-        )
-        for step in orchestrator.STEPS
-        if (spec := getattr(steps, step))
-    }
+
+    def rule(step: str) -> orchestrator.StepPolicy:
+        spec = getattr(steps, step)
+        timeout_ms = round(seconds(spec.timeout) * 1000)
+        return orchestrator.StepPolicy(timeout_ms, spec.on_timeout, spec.attempts)
+
+    policy: orchestrator.Policy = {step: rule(step) for step in orchestrator.STEPS}
 
     def build(buckets: Buckets) -> Handler:
         store = buckets("sagas")

@@ -175,10 +175,12 @@ async def _provision(
     env: dict[str, str] | None = None,
     replicas: int = 1,
 ) -> list[str]:
-    from orderflow.provision import provision
+    from orderflow.provision import provision_at
 
-    async with connected("provision", url, env) as nc:
-        return (await provision(nc, topology, base, default_replicas=replicas)).lines
+    report = await provision_at(
+        url, topology, base, env=env or command_env(), default_replicas=replicas
+    )
+    return report.lines
 
 
 def _cluster_size(args: argparse.Namespace, topology: Topology) -> int:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +55,7 @@ from orderflow.connect import connect
 from orderflow.context import CORRELATION_ID, FUNCTION
 from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
 from orderflow.kv import stream_name
-from orderflow.provision import provision
+from orderflow.provision import provision_at
 from orderflow.replay import wait_until_quiet
 from orderflow.server import EmbeddedServer
 from orderflow.streamlog import read_stream
@@ -283,33 +283,19 @@ async def _publish_paced(
     await asyncio.gather(*sent)
 
 
-@contextlib.asynccontextmanager
-async def _listening(nc: Client, tally: demo.Tally) -> AsyncIterator[demo.Tally]:
-    subs = [await nc.subscribe(s, cb=tally.on_terminal) for s in sorted(TERMINAL_SUBJECTS)]
-    try:
-        yield tally
-    finally:
-        for sub in subs:
-            await sub.unsubscribe()
-
-
 async def _wait_finished(tally: demo.Tally, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(tally.all_finished.wait(), timeout)
-
-
-def _latencies_ms(tally: demo.Tally) -> list[float]:
-    return [(t - tally.published[oid]) * 1000 for oid, (_, t) in tally.finished.items()]
 
 
 async def _paced(
     nc: Client, orders: list[OrderCreated], rate: float, timeout: float
 ) -> list[float]:
     tally = demo.Tally(expected=len(orders))
-    async with _listening(nc, tally):
+    async with tally.listening(nc):
         await _publish_paced(nc, orders, rate, tally)
         await _wait_finished(tally, timeout)
-    return _latencies_ms(tally)
+    return tally.latencies_ms()
 
 
 def _hops(steps: list[trace_mod.Step]) -> int:
@@ -425,7 +411,7 @@ async def _outage(
     first_seq = (await js.stream_info("ORDERS")).state.last_seq + 1
     count = sum(1 for c in supervisor.children if c.function == function)
     consumers = topology.functions[function].consumers
-    async with _listening(nc, tally):
+    async with tally.listening(nc):
         publisher = asyncio.create_task(_publish_paced(nc, orders, settings.rate, tally))
         await asyncio.sleep(settings.lead_s)
         # Nothing runs supervisor.watch() here, so nothing restarts it behind our back.
@@ -475,7 +461,7 @@ async def _outage(
             and killed_wall <= stored.time < restarted_wall
         ):
             moved.add(order_id)
-    latencies = _latencies_ms(tally)
+    latencies = tally.latencies_ms()
     return Outage(
         function=function,
         down_s=round(restarted - killed, 2),
@@ -596,7 +582,7 @@ def run_mode(
         server.start()
         try:
             assert server.process is not None
-            asyncio.run(_provision(server.url, topology, config_path.parent))
+            asyncio.run(provision_at(server.url, topology, config_path.parent))
             supervisor = Supervisor(
                 server.url,
                 config_path,
@@ -616,14 +602,6 @@ def run_mode(
             server.stop()
     result.coupling = coupling(topology)
     return result
-
-
-async def _provision(url: str, topology: Topology, base: Path) -> None:
-    nc = await connect(url, name="orderflow-compare-provision")
-    try:
-        await provision(nc, topology, base)
-    finally:
-        await nc.close()
 
 
 # --- both modes --------------------------------------------------------------

@@ -14,13 +14,14 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from functions.events import OrderCreated, OrderItem
+from functions.events import TERMINAL_SUBJECTS, OrderCreated, OrderItem
 from orderflow.gateway import DECLINED_TOKEN, FLAKY_TOKEN
 
 CATALOG = {  # sku -> unit price in cents; all well stocked in inventory.yaml
@@ -88,6 +89,20 @@ class Tally:
         if len(self.finished) == self.expected:
             self.all_finished.set()
 
+    def latencies_ms(self) -> list[float]:
+        """Publish to terminal event, of every finished order."""
+        return [(t - self.published[oid]) * 1000 for oid, (_, t) in self.finished.items()]
+
+    @contextlib.asynccontextmanager
+    async def listening(self, nc: Client) -> AsyncIterator[Tally]:
+        """Counting every terminal event while inside."""
+        subs = [await nc.subscribe(s, cb=self.on_terminal) for s in sorted(TERMINAL_SUBJECTS)]
+        try:
+            yield self
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+
 
 def percentile(values: list[float], p: float) -> float:
     if not values:
@@ -105,10 +120,18 @@ async def run_orders(
 ) -> dict[str, object]:
     """Publish ``orders``, wait for their terminal events (or ``timeout``), return the summary."""
     tally = Tally(expected=len(orders))
-    subs = [
-        await nc.subscribe(s, cb=tally.on_terminal)
-        for s in ("orders.completed", "orders.cancelled")
-    ]
+    async with tally.listening(nc):
+        return await _run_orders(nc, tally, orders, timeout, in_flight, progress)
+
+
+async def _run_orders(
+    nc: Client,
+    tally: Tally,
+    orders: list[tuple[str, OrderCreated]],
+    timeout: float,
+    in_flight: int,
+    progress: bool,
+) -> dict[str, object]:
     js = nc.jetstream()
     window = asyncio.Semaphore(in_flight)
     start = time.monotonic()
@@ -139,10 +162,8 @@ async def run_orders(
     elapsed = (max((t for _, t in tally.finished.values()), default=time.monotonic())) - start
     if reporter:
         reporter.cancel()
-    for sub in subs:
-        await sub.unsubscribe()
 
-    latencies = [(t - tally.published[oid]) * 1000 for oid, (_, t) in tally.finished.items()]
+    latencies = tally.latencies_ms()
     outcomes = Counter(outcome for outcome, _ in tally.finished.values())
     by_path: dict[str, Counter[str]] = {}
     for path, order in orders:

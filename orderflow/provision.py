@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,3 +320,21 @@ async def provision(
         await ensure_consumers(nc, topology, function, report, start_after)
     await seed_inventory(nc, topology, base, report)
     return report
+
+
+async def provision_at(
+    url: str,
+    topology: Topology,
+    base: Path = Path("."),
+    *,
+    env: Mapping[str, str] | None = None,
+    default_replicas: int = 1,
+) -> Report:
+    """:func:`provision` over a connection of its own (``env``: its variables, see connect)."""
+    from orderflow.connect import connect
+
+    nc = await connect(url, name="orderflow-provision", env=env)
+    try:
+        return await provision(nc, topology, base, default_replicas=default_replicas)
+    finally:
+        await nc.close()
