@@ -65,7 +65,7 @@ from functions.state import Write
 from functions.stock import Level
 from orderflow import config as config_mod
 from orderflow.config import BucketSpec, Topology
-from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
+from orderflow.cpu import CLOCK_TICKS, cpu_model, cpu_seconds, machine_ticks
 from orderflow.demo import Tally, make_orders, payload, percentile
 from orderflow.kv import KvStore
 from orderflow.provision import Report, bucket_config, ensure_stream, provision_at
@@ -103,12 +103,7 @@ def say(line: str) -> None:
 
 
 def machine() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     server = subprocess.run([binary(), "--version"], capture_output=True, text=True, check=False)
     return {
         "runtime": runtime_version(),

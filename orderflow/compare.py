@@ -53,7 +53,7 @@ from orderflow import trace as trace_mod
 from orderflow.config import MODES, Topology, subject_matches
 from orderflow.connect import connect
 from orderflow.context import CORRELATION_ID, FUNCTION
-from orderflow.cpu import CLOCK_TICKS, cpu_seconds, machine_ticks
+from orderflow.cpu import CLOCK_TICKS, cpu_model, cpu_seconds, machine_ticks
 from orderflow.kv import stream_name
 from orderflow.provision import provision_at
 from orderflow.replay import wait_until_quiet
@@ -647,12 +647,7 @@ def stops(config_path: Path, names: str | None) -> dict[str, list[str]]:
 
 
 def machine() -> dict[str, object]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     return {"cpus": os.cpu_count(), "cpu": model, "load_before": list(os.getloadavg())}
 
 

@@ -6,6 +6,7 @@ process *used*, unlike wall-clock time, says little about what else ran.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,3 +28,12 @@ def cpu_seconds(pid: int) -> float:
 def machine_ticks() -> list[int]:
     """The first line of /proc/stat: user nice system idle iowait irq softirq steal."""
     return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def cpu_model() -> str:
+    """The processor's model name, from /proc/cpuinfo ("unknown" where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
