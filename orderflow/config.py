@@ -192,9 +192,10 @@ def _check(topology: Topology) -> None:
                     f"orchestration.steps.{step}.on_timeout: 'compensate' is only for payment "
                     f"and stock ({step} has nothing after it to undo: use 'retry')"
                 )
-    if topology.retry_log and topology.retry_log.stream not in {s.name for s in topology.streams}:
+    streams = {s.name for s in topology.streams}
+    if topology.retry_log and topology.retry_log.stream not in streams:
         raise ConfigError(f"retry_log.stream: no stream named {topology.retry_log.stream!r}")
-    if topology.dead_letters.stream not in {s.name for s in topology.streams}:
+    if topology.dead_letters.stream not in streams:
         raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
     buckets = {b.name for b in topology.buckets}
     if topology.inventory and topology.inventory.bucket not in buckets:
