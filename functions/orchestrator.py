@@ -10,11 +10,16 @@ which is the very event the function publishes in choreography:
        v                     v
     cancelled             refund ──refunded──> cancelled
 
-A step with no answer within its deadline is sent again (a new attempt); a
-payment or stock step that still has none after its attempts is compensated
-in reverse: a silent stock step is *released* (it may yet have reserved),
-then the payment is *refunded*. Refund, release and delivery are never given
-up: they are sent again every deadline until they answer.
+A step with no answer within its deadline is sent again (a new attempt), at
+most ``attempts`` times in all; a stock step that still has none then is
+compensated in reverse: it is *released* (it may yet have reserved), then the
+payment is *refunded*. Any other step then waits, sending nothing more: its
+command stays with the function's consumer, which redelivers it until it is
+answered or dead-lettered, and a late answer (a redriven dead letter) moves
+the saga on. The payment step waits from its first deadline: a charge whose
+outcome is unknown (the gateway does not answer) is parked in one dead letter,
+and neither a second charge nor a refund can settle it before the gateway
+answers (README, "A charge whose outcome is unknown").
 
 State: the ``sagas`` bucket, ``saga.<ID>`` -> :class:`Saga`, written by
 compare-and-set *before* the commands go out. ``last`` names the input that
@@ -67,9 +72,10 @@ class StepPolicy(msgspec.Struct, frozen=True):
     """How long one step may stay silent, and what then."""
 
     timeout_ms: int
-    #: ``retry``: send again every ``timeout_ms``, forever. ``compensate``:
-    #: send again until ``attempts`` went unanswered, then undo what is done.
-    on_timeout: Literal["retry", "compensate"] = "retry"
+    #: ``retry``: send again every ``timeout_ms`` until ``attempts`` went
+    #: unanswered, then wait. ``compensate``: the same, then undo what is
+    #: done. ``wait``: send nothing again.
+    on_timeout: Literal["retry", "compensate", "wait"] = "retry"
     attempts: int = 3
 
 
@@ -166,8 +172,14 @@ def advance(saga: Saga, event: Event, policy: Policy) -> Saga:
             step != "done" and event.step == step and event.attempt == saga.attempt
         ):
             rule = policy[step]
-            if rule.on_timeout == "retry" or saga.attempt < rule.attempts:
+            if rule.on_timeout != "wait" and saga.attempt < rule.attempts:
                 return replace(saga, attempt=saga.attempt + 1)
+            if rule.on_timeout != "compensate":
+                # Overdue, and nothing more to send: the command is still with
+                # its function's consumer, which redelivers it until it is
+                # answered or dead-lettered (then `dlq redrive` resumes the
+                # saga). Sending it again would only add a copy to dead-letter.
+                return saga
             problem = f"{step} did not answer {saga.attempt} attempts of {rule.timeout_ms} ms"
             # Undo in reverse: stock may have reserved after all; payment may have charged.
             return to("release" if step == "stock" else "refund", problem=problem)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from nats.aio.client import Client
 
@@ -24,6 +24,9 @@ from orderflow.config import MODES, ConfigError, Topology
 from orderflow.connect import DEFAULT_URL, ConnectError, connect, redact, url_from_env
 from orderflow.provision import ModeSwitchRefused
 from orderflow.server import EmbeddedServer, port_is_free
+
+if TYPE_CHECKING:
+    from orderflow.trace import Owed
 
 log = logging.getLogger("orderflow")
 
@@ -326,10 +329,15 @@ async def _stuck(args: argparse.Namespace, topology: Topology) -> int:
     print(f"{'ORDER':<28} {'AGE':>8}  WAITING FOR")
     for t in stuck:
         age = f"{(now - t.steps[0].time).total_seconds():.0f}s"
-        owed = "; ".join(f"{o.function}: {o.what}" for o in t.owed)
+        owed = "; ".join(f"{o.function}: {o.what}{_held(o)}" for o in t.owed)
         print(f"{t.order_id:<28} {age:>8}  {owed}")
     print(f"\n{len(stuck)} unfinished orders older than {args.older_than}")
     return 0
+
+
+def _held(owed: Owed) -> str:
+    ids = ", ".join(str(d.fields.get("id")) for d in owed.held_by)
+    return f" (held by dead letter {ids}: dlq show/redrive)" if ids else ""
 
 
 def cmd_stuck(args: argparse.Namespace, topology: Topology) -> int:

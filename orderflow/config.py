@@ -116,14 +116,18 @@ class RetryLogSpec(_Config, frozen=True):
 class StepSpec(_Config, frozen=True):
     # How long the orchestrator waits for a step's answer before acting.
     timeout: Duration = "30s"
-    # retry: send the command again every timeout, forever. compensate: send
-    # it again until `attempts` went unanswered, then undo what is done.
-    on_timeout: Literal["retry", "compensate"] = "retry"
+    # retry: send the command again every timeout until `attempts` went
+    # unanswered, then wait. compensate: the same, then undo what is done.
+    # wait: send nothing again (the command stays with its consumer, which
+    # redelivers it until it is answered or dead-lettered). Never unbounded:
+    # a command sent again and again to a function that cannot answer only
+    # multiplies its dead letters (issue 12).
+    on_timeout: Literal["retry", "compensate", "wait"] = "retry"
     attempts: Annotated[int, Meta(ge=1, le=100)] = 3
 
 
 class StepsSpec(_Config, frozen=True):
-    payment: StepSpec = StepSpec(on_timeout="compensate")
+    payment: StepSpec = StepSpec(on_timeout="wait")
     stock: StepSpec = StepSpec(on_timeout="compensate")
     delivery: StepSpec = StepSpec()
     release: StepSpec = StepSpec()

@@ -5,8 +5,11 @@ It behaves like a real provider where it matters to the flow:
 * ``tok_declined`` is declined (a business outcome, not an error);
 * ``tok_flaky`` times out (:class:`GatewayUnavailable`) on the first attempt
   for an idempotency key, then succeeds, so retries are exercised;
-* ``tok_unavailable`` always times out, so retries run out and the order's
-  message is dead-lettered;
+* ``tok_unavailable`` times out while the gateway is down for it, which is
+  until its memory holds :data:`RESTORED_KEY` (``restore`` writes it, as a
+  test or an operator trying this out would: ``nats kv put gateway restored
+  '{}'``), so retries run out and the charge is parked in a dead letter, to be
+  redriven once the gateway answers;
 * every other token is charged;
 * the same idempotency key always gets the first answer back, across
   processes and restarts, because the gateway's memory is a KV bucket
@@ -25,7 +28,9 @@ from orderflow.failpoints import crash_point
 
 DECLINED_TOKEN = "tok_declined"
 FLAKY_TOKEN = "tok_flaky"
-DOWN_TOKEN = "tok_unavailable"  # the gateway never answers for it: retries, then a dead letter
+DOWN_TOKEN = "tok_unavailable"  # the gateway does not answer for it until restored
+#: Present in the gateway's memory: the outage for DOWN_TOKEN is over.
+RESTORED_KEY = "restored"
 
 
 class ChargeRecord(msgspec.Struct, frozen=True):
@@ -55,7 +60,8 @@ class SimulatedGateway:
         # first, and read the kept one only when that finds it there (one
         # request instead of two in the usual case).
         key = f"charge.{idempotency_key}"
-        if token == DOWN_TOKEN:
+        # Read only for this token: the others cost nothing extra.
+        if token == DOWN_TOKEN and await self.store.get(RESTORED_KEY, Attempt) is None:
             raise GatewayUnavailable(f"gateway unreachable charging {idempotency_key}")
         if token == FLAKY_TOKEN and await self.store.commit(
             Write(f"attempt.{idempotency_key}", Attempt(), 0)
@@ -77,6 +83,10 @@ class SimulatedGateway:
         if record.charge_id is not None:
             return Charged(record.charge_id)
         return Declined(record.declined or "declined")
+
+    async def restore(self) -> None:
+        """End the outage: DOWN_TOKEN is charged like any other from now on."""
+        await self.store.commit(Write(RESTORED_KEY, Attempt(), 0))
 
     async def refund(self, *, idempotency_key: str, charge_id: str, amount_cents: int) -> None:
         # Creating the record is the refund; a second call finds it and does nothing.

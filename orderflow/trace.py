@@ -61,6 +61,9 @@ class Owed:
     what: str
     since: datetime
     consumer: dict[str, int] = field(default_factory=dict)
+    #: Dead letters of the owing function on a message that made the step due:
+    #: what holds the order (a redrive of one resumes it).
+    held_by: list[Aside] = field(default_factory=list)
 
 
 @dataclass
@@ -99,8 +102,11 @@ def waiting_on(logged: Sequence[str], mode: Mode = "choreography") -> Owing:
 
 def _saga_waiting_on(logged: Sequence[str]) -> Owing:
     """A saga does one thing at a time: the last command awaits its function's answer;
-    anything else awaits the orchestrator's next command."""
-    last = logged[-1]
+    anything else awaits the orchestrator's next command. Fired deadlines and
+    alarms change neither: a command sent again is logged as one, and one that
+    is not (the step waits) is still owed by its function."""
+    last = next((s for s in reversed(logged) if not s.startswith("saga.alarms.")
+                 and s != "saga.timeout"), logged[-1])  # fmt: skip
     command = last.split(".")
     if len(command) == 3 and command[0] == "saga":  # saga.<function>.<verb>
         return [(command[1], f"its answer to {last}", {last})]
@@ -255,7 +261,8 @@ async def load(
                 (s.time for s in order_steps if s.subject in due_to),
                 default=order_steps[0].time,
             )
-            owed.append(Owed(function, what, since, consumers.get(function, {})))
+            held = [d for d in dead[order_id] if d.function == function and d.subject in due_to]
+            owed.append(Owed(function, what, since, consumers.get(function, {}), held))
         traces[order_id] = Trace(order_id, steps[order_id], retries[order_id], dead[order_id], owed)
     return traces
 
@@ -296,6 +303,11 @@ def render(trace: Trace, now: datetime) -> str:
             f"unacked, {c.get('instances', 0)} instances answering"
             + (" - is any instance running?" if not c.get("instances") else "")
         )
+        for d in o.held_by:
+            lines.append(
+                f"  HELD by dead letter {d.fields.get('id')} ({d.detail}); once the cause is "
+                f"fixed: runner.py dlq redrive {d.fields.get('id')}"
+            )
     return "\n".join(lines)
 
 
@@ -324,6 +336,7 @@ def as_json(trace: Trace, now: datetime) -> dict[str, object]:
                 "what": o.what,
                 "due_for_s": (now - o.since).total_seconds(),
                 "consumer": o.consumer,
+                "held_by_dead_letters": [d.fields.get("id") for d in o.held_by],
             }
             for o in trace.owed
         ],

@@ -122,8 +122,8 @@ def test_an_orchestration_typo_names_its_path(tmp_path: Path) -> None:
 
 
 def test_only_payment_and_stock_may_be_compensated(tmp_path: Path) -> None:
-    path = variant(tmp_path, "delivery: {timeout: 30s, on_timeout: retry}",
-                   "delivery: {timeout: 30s, on_timeout: compensate}")  # fmt: skip
+    path = variant(tmp_path, "delivery: {timeout: 30s, on_timeout: retry, attempts: 3}",
+                   "delivery: {timeout: 30s, on_timeout: compensate, attempts: 3}")  # fmt: skip
     message = load_error(path)
     assert "orchestration.steps.delivery.on_timeout: 'compensate' is only for payment" in message
 

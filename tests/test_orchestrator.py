@@ -32,9 +32,9 @@ from functions.state import MemoryStore
 from tests.flowkit import order
 
 POLICY: orchestrator.Policy = {
-    "payment": StepPolicy(1000, "compensate", attempts=2),
+    "payment": StepPolicy(1000, "wait"),
     "stock": StepPolicy(1000, "compensate", attempts=2),
-    "delivery": StepPolicy(1000, "retry"),
+    "delivery": StepPolicy(1000, "retry", attempts=3),
     "release": StepPolicy(1000, "retry"),
     "refund": StepPolicy(1000, "retry"),
 }
@@ -114,22 +114,47 @@ async def test_a_silent_step_is_sent_again_then_compensated() -> None:
     ]
 
 
-async def test_a_silent_payment_is_refunded_and_a_late_decline_ends_it() -> None:
+async def test_a_silent_payment_waits_and_a_late_answer_moves_the_saga_on() -> None:
+    # An unknown charge (the gateway does not answer) is parked in payment's
+    # dead letters: neither a second charge nor a refund could settle it, so
+    # the step sends nothing more, however many deadlines pass.
     store = MemoryStore()
-    await feed(store, PLACED, alarm("payment", 1))
-    sent = await feed(store, alarm("payment", 2))
+    await feed(store, PLACED)
+    revision = store.data[saga_key("o-1")][1]
+    for _ in range(3):
+        assert await feed(store, alarm("payment", 1)) == []
+    assert store.data[saga_key("o-1")][1] == revision  # nothing recorded either
+    # The dead letter is redriven once the gateway answers: the saga goes on.
+    assert await feed(store, SUCCEEDED) == [ReserveStock("o-1", 1, order=PLACED), alarm("stock")]
+
+
+async def test_a_compensating_payment_policy_still_refunds_after_its_attempts() -> None:
+    policy = {**POLICY, "payment": StepPolicy(1000, "compensate", attempts=2)}
+    store = MemoryStore()
+    await feed(store, PLACED)
+    assert await orchestrator.handle(alarm("payment", 1), store, policy) == [
+        ChargePayment("o-1", 2, order=PLACED),
+        alarm("payment", 2),
+    ]
+    sent = await orchestrator.handle(alarm("payment", 2), store, policy)
     assert [subject_of(type(e)) for e in sent] == ["saga.payment.refund", "saga.timeout"]
     # The charge was declined after all: payment holds nothing, the order ends.
-    sent = await feed(store, PaymentFailed("o-1", 3000, reason="card_declined"))
+    sent = await orchestrator.handle(PaymentFailed("o-1", 3000, reason="late"), store, policy)
     assert [subject_of(type(e)) for e in sent] == ["orders.cancelled", "saga.alarms.cleared"]
 
 
-async def test_retry_steps_are_sent_again_forever() -> None:
+async def test_retry_steps_are_sent_again_up_to_their_attempts_then_wait() -> None:
     store = MemoryStore()
     await feed(store, PLACED, SUCCEEDED, RESERVED)
-    for attempt in range(1, 6):
+    for attempt in (1, 2):
         sent = await feed(store, alarm("delivery", attempt))
         assert sent[0] == ScheduleDelivery("o-1", attempt + 1, payment=SUCCEEDED, stock=RESERVED)
+    # The third attempt was the last: nothing more is sent, ever.
+    assert await feed(store, alarm("delivery", 3)) == []
+    assert await feed(store, alarm("delivery", 3)) == []
+    # A late answer still ends the order.
+    sent = await feed(store, DeliveryScheduled("o-1", tracking_id="TRK-1"))
+    assert [subject_of(type(e)) for e in sent] == ["orders.completed", "saga.alarms.cleared"]
 
 
 async def test_stale_alarms_and_late_answers_send_nothing() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from functions import payment
-from functions.errors import Retry
 from functions.events import (
     Event,
     OrderCreated,
@@ -95,31 +94,50 @@ async def test_stock_unavailable_refunds_a_charge_once() -> None:
     assert await p.created() == [charged]
 
 
-async def test_stock_unavailable_first_waits_for_the_charge() -> None:
+async def test_stock_unavailable_first_is_recorded_and_the_charge_refunds_it() -> None:
     p = Payments()
-    with pytest.raises(Retry):
-        await p.unavailable()
+    assert await p.unavailable() == []  # recorded, not retried: nothing to refund yet
+    assert (await p.record()).refund_due
+    assert await p.unavailable() == []  # a redelivery records nothing new
     assert p.gateway_keys("charge.") == []
-    # Once the charge is decided, the retried message refunds it: the same
-    # outcome as in the usual arrival order.
-    [charged] = await p.created()
+    # Deciding the charge refunds it at once and answers both: the same events
+    # as in the usual arrival order.
+    charged, refunded = await p.created()
     assert isinstance(charged, PaymentSucceeded)
-    assert await p.unavailable() == [
-        PaymentRefunded("o-1", charged.amount_cents, charge_id=charged.charge_id)
-    ]
+    assert charged.amount_cents == TOTAL
+    assert refunded == PaymentRefunded("o-1", TOTAL, charge_id=charged.charge_id)
+    assert len(p.gateway_keys("refund.")) == 1
+    # Redeliveries of either input answer the same, and refund nothing twice.
+    assert await p.created() == [charged, refunded]
+    assert await p.unavailable() == [refunded]
     assert len(p.gateway_keys("refund.")) == 1
 
 
-async def test_stock_unavailable_during_a_charge_retries() -> None:
+async def test_stock_unavailable_during_an_unknown_charge_is_recorded_not_retried() -> None:
+    # The gateway does not answer: the charge stays undecided (its message is
+    # retried, then dead-lettered), and the refund asked for meanwhile must not
+    # become a second message retried into a second dead letter.
     p = Payments()
     with pytest.raises(GatewayUnavailable):
         await p.created("tok_flaky")
-    with pytest.raises(Retry):
-        await p.unavailable()
-    assert (await p.record()).status == "charging"
-    [charged] = await p.created("tok_flaky")
+    assert await p.unavailable() == []
+    record = await p.record()
+    assert (record.status, record.refund_due) == ("charging", True)
+    # The gateway answers (a redrive): charged and refunded, once each.
+    charged, refunded = await p.created("tok_flaky")
     assert isinstance(charged, PaymentSucceeded)
-    assert await p.unavailable() == [PaymentRefunded("o-1", TOTAL, charge_id=charged.charge_id)]
+    assert refunded == PaymentRefunded("o-1", TOTAL, charge_id=charged.charge_id)
+    assert len(p.gateway_keys("charge.")) == 1
+    assert len(p.gateway_keys("refund.")) == 1
+
+
+async def test_a_refund_due_on_a_declined_charge_gives_nothing_back() -> None:
+    p = Payments()
+    assert await p.unavailable() == []
+    [failed] = await p.created("tok_declined")
+    assert isinstance(failed, PaymentFailed)
+    assert await p.unavailable() == []
+    assert p.gateway_keys("refund.") == []
 
 
 async def test_stock_unavailable_after_a_decline_emits_nothing() -> None:

@@ -60,8 +60,13 @@ def test_waiting_on_reads_the_choreography_backwards(
          ("stock", "its answer to saga.stock.reserve")),
         (["orders.created", "saga.payment.charge", "payments.succeeded"],
          ("orchestrator", "the next command, or the terminal event")),
-        (["orders.created", "saga.payment.charge", "saga.timeout"],
-         ("orchestrator", "the next command, or the terminal event")),
+        # A fired deadline changes nothing: the step waits, or its command is
+        # sent again (and logged); either way its function owes the answer.
+        (["orders.created", "saga.payment.charge", "saga.alarms.o-1", "saga.timeout"],
+         ("payment", "its answer to saga.payment.charge")),
+        (["orders.created", "saga.payment.charge", "payments.succeeded", "saga.stock.reserve",
+          "saga.timeout", "saga.stock.reserve", "saga.timeout"],
+         ("stock", "its answer to saga.stock.reserve")),
     ],
 )  # fmt: skip
 def test_a_saga_waits_on_whoever_has_the_last_word(
