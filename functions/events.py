@@ -18,8 +18,10 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-# Identifiers end up in KV keys and message ids, so they keep to the characters
-# both accept (no dots: a dot would split a KV key into tokens).
+# An order id is a token of every subject its events are stored on
+# (orderflow/subjects.py), and of KV keys and message ids: it keeps to the
+# characters all of them accept (no dots, which split tokens; no spaces or
+# wildcards), and starts with a letter or digit (so `_` can stand for "none").
 OrderId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 Sku = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 CustomerId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -186,10 +188,10 @@ class StepTimedOut(Event, tag="saga.timeout", frozen=True):
     """The orchestrator's alarm for one attempt of one step.
 
     The orchestrator emits it together with the command; the runner publishes
-    it as a JetStream *scheduled* message on :func:`alarm_subject`, which the
-    server publishes on ``saga.timeout`` ``delay_ms`` later. If the step has
-    answered by then, the alarm is stale and ignored. No clock is read in the
-    handler.
+    it as a JetStream *scheduled* message on the order's alarm subject
+    (``orderflow.subjects``), which the server publishes as ``saga.timeout``
+    ``delay_ms`` later. If the step has answered by then, the alarm is stale
+    and ignored. No clock is read in the handler.
     """
 
     step: str
@@ -200,39 +202,6 @@ class StepTimedOut(Event, tag="saga.timeout", frozen=True):
 class AlarmCleared(Event, tag="saga.alarms.cleared", frozen=True):
     """The saga is over: the runner withdraws its pending alarm, so none fires late."""
 
-
-def alarm_subject(order_id: str) -> str:
-    """Where an order's alarm waits: one per order, a newer alarm replaces the older."""
-    return f"saga.alarms.{order_id}"
-
-
-def published_on(subject: str) -> str:
-    """The subject (pattern) an emitted event is published on: its own, but for alarms."""
-    if subject in ("saga.timeout", "saga.alarms.cleared"):
-        return alarm_subject("*")
-    return subject
-
-
-AnyEvent = (
-    OrderCreated
-    | OrderCompleted
-    | OrderCancelled
-    | OrderRejected
-    | PaymentSucceeded
-    | PaymentFailed
-    | PaymentRefunded
-    | StockReserved
-    | StockUnavailable
-    | StockReleased
-    | DeliveryScheduled
-    | ChargePayment
-    | RefundPayment
-    | ReserveStock
-    | ReleaseStock
-    | ScheduleDelivery
-    | StepTimedOut
-    | AlarmCleared
-)
 
 EVENT_CLASSES: tuple[type[Event], ...] = (
     OrderCreated,

@@ -168,6 +168,10 @@ def advance(saga: Saga, event: Event, policy: Policy) -> Saga:
             return to("refund")
         case "refund", PaymentRefunded() | PaymentFailed():
             return to("done", outcome="cancelled")
+        case "refund", PaymentSucceeded():
+            # The charge was decided after the refund was asked for (an
+            # unknown outcome, redriven): now there is something to refund.
+            return replace(saga, attempt=saga.attempt + 1)
         case step, StepTimedOut() if (
             step != "done" and event.step == step and event.attempt == saga.attempt
         ):

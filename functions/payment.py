@@ -3,28 +3,30 @@
 The charge itself happens at a payment gateway (:class:`Gateway`), an outside
 system that may time out. Every call carries an idempotency key derived from
 the order, so asking again after a crash or a timeout returns the first
-answer instead of charging twice.
+answer instead of charging twice: the gateway's memory is the one record of
+the charge, and this function keeps none of its own.
 
-State (the ``payments`` bucket, ``payment.<ID>`` -> :class:`PaymentRecord`)
-says where the order stands. The record is *claimed* (``charging``) before
-the gateway is called, so a charge is never made twice.
+A refund is a join of two halves, read from the order's own history
+(``functions.history``): the charge decided (``payments.succeeded``) and
+stock short (``stock.unavailable``). The charge is *appended* before its
+handler reads for the shortage, and the shortage is stored before its handler
+reads for the charge, so whichever is stored later finds the other and
+refunds (both may: the refund's key makes the second a no-op, and the log
+takes ``payments.refunded`` once). A shortage that finds no charge waits for
+nothing: it is not retried, because the charge's own handler will find it.
 
-A refund needs a charge to refund. ``stock.unavailable`` that arrives before
-this function has decided the charge (no record yet, or one still
-``charging``) is *recorded* (``refund_due``) rather than guessed at or retried:
-whoever decides the charge then refunds it at once and answers both
-(``payments.succeeded`` and ``payments.refunded``). A charge whose outcome is
-unknown (the gateway does not answer) is thus parked in exactly one dead
-letter, its ``orders.created``; nothing else about the order waits on a retry,
-and redriving that one dead letter settles all of it. So what payment emits
-for an order depends only on which events it has seen, never on the order it
-saw them in, which is what lets a recorded history replay exactly.
+So a charge whose outcome is unknown (the gateway does not answer) is parked
+in exactly one dead letter, its ``orders.created``, and nothing else about the
+order waits on a retry; redriving that one dead letter settles all of it. And
+what payment emits for an order depends only on which events are stored,
+never on the order they arrived in, which is what lets a recorded history
+replay exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -36,7 +38,7 @@ from functions.events import (
     PaymentSucceeded,
     StockUnavailable,
 )
-from functions.state import Store, Versioned, Write, optimistically
+from functions.history import History
 
 # --- the gateway interface --------------------------------------------------
 
@@ -61,22 +63,6 @@ class Gateway(Protocol):
     async def refund(self, *, idempotency_key: str, charge_id: str, amount_cents: int) -> None: ...
 
 
-# --- state ------------------------------------------------------------------
-
-
-class PaymentRecord(msgspec.Struct, frozen=True):
-    status: Literal["charging", "charged", "declined", "refunded"]
-    amount_cents: int = 0
-    charge_id: str | None = None
-    reason: str = ""
-    #: stock.unavailable came while the charge was undecided: refund on deciding it.
-    refund_due: bool = False
-
-
-def payment_key(order_id: str) -> str:
-    return f"payment.{order_id}"
-
-
 def charge_key(order_id: str) -> str:
     return f"charge-{order_id}"
 
@@ -88,99 +74,52 @@ def refund_key(order_id: str) -> str:
 # --- pure decisions -----------------------------------------------------------
 
 
-def after_charge(
-    amount_cents: int, result: Charged | Declined, refund_due: bool = False
-) -> PaymentRecord:
+def decided(order: OrderCreated, result: Charged | Declined) -> PaymentSucceeded | PaymentFailed:
+    """The event the gateway's answer calls for; the same answer, the same event."""
     if isinstance(result, Charged):
-        return PaymentRecord(
-            "charged", amount_cents, charge_id=result.charge_id, refund_due=refund_due
-        )
-    return PaymentRecord("declined", amount_cents, reason=result.reason, refund_due=refund_due)
+        return PaymentSucceeded(order.order_id, order.total_cents, charge_id=result.charge_id)
+    return PaymentFailed(order.order_id, order.total_cents, reason=result.reason)
 
 
-def events_for(order_id: str, record: PaymentRecord, trigger: type[Event]) -> list[Event]:
-    """What the record says was emitted in answer to ``trigger``; the same on every redelivery."""
-    if trigger is OrderCreated:
-        if record.status in ("charged", "refunded") and record.charge_id:
-            succeeded = PaymentSucceeded(order_id, record.amount_cents, charge_id=record.charge_id)
-            if record.status == "refunded" and record.refund_due:
-                # The refund was owed when the charge was decided: it answers both.
-                refunded = PaymentRefunded(order_id, record.amount_cents, record.charge_id)
-                return [succeeded, refunded]
-            return [succeeded]
-        if record.status == "declined":
-            return [PaymentFailed(order_id, record.amount_cents, reason=record.reason)]
-        return []  # still charging: nothing decided yet
-    if record.status == "refunded" and record.charge_id:
-        return [PaymentRefunded(order_id, record.amount_cents, charge_id=record.charge_id)]
-    return []  # declined: no money was taken, nothing to give back
+def refunded(charge: PaymentSucceeded) -> PaymentRefunded:
+    return PaymentRefunded(charge.order_id, charge.amount_cents, charge_id=charge.charge_id)
 
 
 # --- the handler ------------------------------------------------------------
 
 
-async def handle(event: Event, store: Store, gateway: Gateway) -> Sequence[Event]:
+async def handle(event: Event, history: History, gateway: Gateway) -> Sequence[Event]:
     if isinstance(event, OrderCreated):
-        return await optimistically(lambda: _charge(event, store, gateway))
+        return await _charge(event, history, gateway)
     if isinstance(event, StockUnavailable):
-        return await optimistically(lambda: _refund(event, store, gateway))
+        charge = await history.last(event.order_id, PaymentSucceeded)
+        if charge is None:
+            return []  # declined, or not decided yet: its handler finds this shortage
+        return [await _give_back(charge, gateway)]
     raise TypeError(f"payment does not handle {type(event).__name__}")
 
 
-async def _charge(order: OrderCreated, store: Store, gateway: Gateway) -> list[Event] | None:
-    key = payment_key(order.order_id)
-    # Claim the order before touching the gateway (see the module docstring).
-    # Claim first and read only when the claim is there already (a redelivery,
-    # or a refund that came first): one request instead of two for a new order.
-    amount = order.total_cents
-    claim = PaymentRecord("charging", amount)
-    revision = await store.commit(Write(key, claim, 0))
-    current = Versioned(claim, revision) if revision else await store.get(key, PaymentRecord)
-    if current is None:
-        return None  # (records are never deleted: cannot happen) read again
-    if current.value.status != "charging":
-        return events_for(order.order_id, current.value, OrderCreated)
+async def _charge(order: OrderCreated, history: History, gateway: Gateway) -> list[Event]:
     result = await gateway.charge(
-        idempotency_key=charge_key(order.order_id), token=order.payment_token, amount_cents=amount
+        idempotency_key=charge_key(order.order_id),
+        token=order.payment_token,
+        amount_cents=order.total_cents,
     )
-    record = after_charge(amount, result, current.value.refund_due)
-    if record.status == "charged" and record.refund_due:
-        record = await _give_back(order.order_id, record, gateway)
-    if not await store.commit(Write(key, record, current.revision)):
-        return None
-    return events_for(order.order_id, record, OrderCreated)
+    decision = decided(order, result)
+    if isinstance(decision, PaymentFailed):
+        return [decision]  # no money taken: nothing to give back, whatever stock says
+    # Stored before reading for the other half of the refund's join.
+    await history.append(decision)
+    if await history.last(order.order_id, StockUnavailable) is None:
+        return [decision]
+    return [decision, await _give_back(decision, gateway)]
 
 
-async def _refund(
-    unavailable: StockUnavailable, store: Store, gateway: Gateway
-) -> list[Event] | None:
-    key = payment_key(unavailable.order_id)
-    current = await store.get(key, PaymentRecord)
-    if current is None or current.value.status == "charging":
-        if current is not None and current.value.refund_due:
-            return []  # recorded already
-        # Undecided: whoever decides the charge refunds it (module docstring).
-        # No record yet: orders.created is on its way; its claim adopts this one.
-        due = PaymentRecord("charging", refund_due=True)
-        if current is not None:
-            due = msgspec.structs.replace(current.value, refund_due=True)
-        if not await store.commit(Write(key, due, current.revision if current else 0)):
-            return None
-        return []
-    if current.value.status != "charged":
-        return events_for(unavailable.order_id, current.value, StockUnavailable)
-    record = await _give_back(unavailable.order_id, current.value, gateway)
-    if not await store.commit(Write(key, record, current.revision)):
-        return None
-    return events_for(unavailable.order_id, record, StockUnavailable)
-
-
-async def _give_back(order_id: str, charged: PaymentRecord, gateway: Gateway) -> PaymentRecord:
-    """Refund a decided charge at the gateway (idempotent by key): the record after."""
-    assert charged.charge_id is not None
+async def _give_back(charge: PaymentSucceeded, gateway: Gateway) -> PaymentRefunded:
+    """Refund a decided charge at the gateway (idempotent by its key)."""
     await gateway.refund(
-        idempotency_key=refund_key(order_id),
-        charge_id=charged.charge_id,
-        amount_cents=charged.amount_cents,
+        idempotency_key=refund_key(charge.order_id),
+        charge_id=charge.charge_id,
+        amount_cents=charge.amount_cents,
     )
-    return msgspec.structs.replace(charged, status="refunded")
+    return refunded(charge)

@@ -16,8 +16,11 @@ turns exactly that into nats-server permissions, one user per function:
 * its own buckets: writes (``$KV.<bucket>.>``) and direct gets of their keys
   (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.>``), which is all
   ``orderflow/kv.py`` sends;
-* the subjects it ``emits``, ``<dead letter prefix>.<function>`` and
-  ``<retry log prefix>.<function>``;
+* the subjects of the kinds it ``emits`` (``order.*.<kind>``), its dead
+  letters and retry notes (``<prefix>.*.<function>``);
+* direct gets of the last event of each kind it ``reads`` from the orders'
+  histories (``$JS.API.DIRECT.GET.<stream>.order.*.<kind>``), and the
+  leader's ``STREAM.MSG.GET`` for a cluster;
 * replies only in its own inbox, ``_INBOX_<function>.>`` (``NATS_INBOX_PREFIX``):
   with the shared ``_INBOX.>`` any user could read the replies of every other,
   the admin's stream reads included;
@@ -25,9 +28,11 @@ turns exactly that into nats-server permissions, one user per function:
   subjects, its endpoint), and answering requests (``allow_responses``).
 
 The ``client`` user may publish the flow's external inputs, the subjects some
-function consumes and none emits (``orders.created``), and read an order's
-status by subscribing to its outcomes, the subjects some function emits and
-none consumes (``orders.completed``, ``orders.cancelled``, ``orders.rejected``);
+function consumes and none emits (``orders.created``, and
+``order.*.orders.created``), and read an order's status by subscribing to its
+outcomes, the kinds some function emits and none consumes
+(``order.*.orders.completed``, ``order.*.orders.cancelled``,
+``order.*.orders.rejected``);
 publish-with-ack needs ``NATS_INBOX_PREFIX=_INBOX_client``. The ``admin`` user
 may do anything: provisioning and the operator commands (``status``, ``dlq``,
 ``trace``...).
@@ -51,8 +56,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from functions.events import published_on
-from orderflow.config import ConfigError, Topology, subject_matches
+from functions.events import EVENT_TYPES
+from orderflow import subjects
+from orderflow.config import ConfigError, Topology, emitted_on
 from orderflow.connect import CREDENTIAL_VARS
 
 ADMIN = "admin"
@@ -96,17 +102,24 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
     for c in fn.consumers:
         publish += [
             f"$JS.API.CONSUMER.INFO.{c.stream}.{c.durable}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{c.stream}.{c.durable}",
+            subjects.consumer_next(c.stream, c.durable),
             f"$JS.ACK.{c.stream}.{c.durable}.>",
         ]
     for bucket in fn.buckets:
         publish += [f"$KV.{bucket}.>", f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>"]
-    # Alarms are published on saga.alarms.<order> (functions/events.py).
-    publish += [published_on(subject) for subject in fn.emits]
-    publish.append(f"{topology.dead_letters.subject_prefix}.{name}")
+    # What it reads of the orders' histories: the last event of each kind it
+    # names, from any replica; on a cluster from the leader, whose API takes
+    # the subject in its body (so that permission cannot name the kinds).
+    events = topology.events_stream
+    publish += [f"{subjects.direct_get(events)}.{subjects.subject(k, '*')}" for k in fn.reads]
+    if fn.reads:
+        publish.append(f"$JS.API.STREAM.MSG.GET.{events}")
+    # Alarms are published on the order's alarm subject (orderflow/subjects.py).
+    publish += [emitted_on(kind) for kind in fn.emits]
+    publish.append(subjects.dead_letter(topology.dead_letters.subject_prefix, "*", name))
     if topology.retry_log is not None:
-        publish.append(f"{topology.retry_log.subject_prefix}.{name}")
-    service = f"orderflow-{name}"  # orderflow/metrics.py
+        publish.append(subjects.retry_note(topology.retry_log.subject_prefix, "*", name))
+    service = subjects.service(name)  # orderflow/metrics.py
     subscribe = [
         f"{inbox_prefix(name)}.>",
         "$SRV.PING",
@@ -120,28 +133,28 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
 
 
 def _consumed(topology: Topology) -> list[str]:
-    return [
-        s for fn in topology.functions.values() for c in fn.consumers for s in c.filter_subjects
-    ]
+    return [k for fn in topology.functions.values() for c in fn.consumers for k in c.events]
 
 
 def _emitted(topology: Topology) -> list[str]:
-    return [s for fn in topology.functions.values() for s in fn.emits]
+    return [k for fn in topology.functions.values() for k in fn.emits]
 
 
 def external_inputs(topology: Topology) -> tuple[str, ...]:
-    """Subjects some function consumes and none emits: what the outside world publishes."""
-    emitted = _emitted(topology)
+    """Subjects of the kinds some function consumes and none emits: what the outside
+    world publishes (``orders.created``, payload-only or under its order id)."""
+    emitted = set(_emitted(topology))
     return _unique(
-        [s for s in _consumed(topology) if not any(subject_matches(s, e) for e in emitted)]
+        [s for k in _consumed(topology) if k not in emitted for s in subjects.filters(k)]
     )
 
 
 def outcomes(topology: Topology) -> tuple[str, ...]:
-    """Subjects some function emits and none consumes: the answers to the outside world."""
-    consumed = _consumed(topology)
+    """Subjects of the kinds some function emits and none consumes: the answers to the
+    outside world (every order's ``orders.completed``...)."""
+    consumed = set(_consumed(topology))
     return _unique(
-        [e for e in _emitted(topology) if not any(subject_matches(c, e) for c in consumed)]
+        [emitted_on(k) for k in _emitted(topology) if k not in consumed and k in EVENT_TYPES]
     )
 
 

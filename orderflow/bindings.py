@@ -28,6 +28,7 @@ from functions.events import (
     StockUnavailable,
     event_id,
 )
+from functions.history import History
 from functions.state import Store
 from orderflow.config import ConfigError, Topology, seconds
 from orderflow.gateway import SimulatedGateway
@@ -36,27 +37,28 @@ from orderflow.worker import Handler
 Buckets = Callable[[str], Store]
 
 
-StoreHandler = Callable[[Event, Store], Awaitable[Sequence[Event]]]
-
-
 def _payment(buckets: Buckets) -> Handler:
-    store, gateway = buckets("payments"), SimulatedGateway(buckets("gateway"))
-    return lambda event: payment.handle(event, store, gateway)
+    gateway = SimulatedGateway(buckets("gateway"))
+    return lambda event, history: payment.handle(event, history, gateway)
 
 
-def _with_store(handle: StoreHandler, bucket: str) -> Callable[[Buckets], Handler]:
-    def build(buckets: Buckets) -> Handler:
-        store = buckets(bucket)
-        return lambda event: handle(event, store)
+def _stock(buckets: Buckets) -> Handler:
+    store = buckets("stock")
+    return lambda event, history: stock.handle(event, store)
 
-    return build
+
+def _from_history(
+    handle: Callable[[Event, History], Awaitable[Sequence[Event]]],
+) -> Callable[[Buckets], Handler]:
+    """A handler whose only state is the order's history: no bucket at all."""
+    return lambda buckets: handle
 
 
 BINDINGS: dict[str, Callable[[Buckets], Handler]] = {
     "payment": _payment,
-    "stock": _with_store(stock.handle, "stock"),
-    "delivery": _with_store(delivery.handle, "deliveries"),
-    "order": _with_store(order.handle, "orders"),
+    "stock": _stock,
+    "delivery": _from_history(delivery.handle),
+    "order": _from_history(order.handle),
 }
 
 
@@ -79,12 +81,12 @@ def _commanded(build: Callable[[Buckets], Handler]) -> Callable[[Buckets], Handl
     def build_commanded(buckets: Buckets) -> Handler:
         handler = build(buckets)
 
-        async def handle(command: Event) -> Sequence[Event]:
+        async def handle(command: Event, history: History) -> Sequence[Event]:
             emitted: dict[str, Event] = {}
             for event in as_events(command):
-                # Both halves of a redelivered ScheduleDelivery answer with the
-                # same event: send it once.
-                emitted.update((event_id(e), e) for e in await handler(event))
+                # Both halves of a ScheduleDelivery answer with the same
+                # event: send it once.
+                emitted.update((event_id(e), e) for e in await handler(event, history))
             return list(emitted.values())
 
         return handle
@@ -105,7 +107,7 @@ def _orchestrator(topology: Topology) -> Callable[[Buckets], Handler]:
 
     def build(buckets: Buckets) -> Handler:
         store = buckets("sagas")
-        return lambda event: orchestrator.handle(event, store, policy)
+        return lambda event, history: orchestrator.handle(event, store, policy)
 
     return build
 
@@ -117,7 +119,7 @@ def bindings(topology: Topology) -> dict[str, Callable[[Buckets], Handler]]:
     return {
         "orchestrator": _orchestrator(topology),
         "payment": _commanded(_payment),
-        "stock": _commanded(BINDINGS["stock"]),
+        "stock": _commanded(_stock),
         "delivery": _commanded(BINDINGS["delivery"]),
     }
 

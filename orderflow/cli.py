@@ -22,7 +22,7 @@ from orderflow import config as config_mod
 from orderflow import logs
 from orderflow.config import MODES, ConfigError, Topology
 from orderflow.connect import DEFAULT_URL, ConnectError, connect, redact, url_from_env
-from orderflow.provision import ModeSwitchRefused
+from orderflow.provision import LayoutRefused, ModeSwitchRefused
 from orderflow.server import EmbeddedServer, port_is_free
 
 if TYPE_CHECKING:
@@ -309,17 +309,14 @@ def cmd_trace(args: argparse.Namespace, topology: Topology) -> int:
 
 
 async def _stuck(args: argparse.Namespace, topology: Topology) -> int:
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from orderflow import trace
     from orderflow.config import seconds
 
-    async with connected("stuck") as nc:
-        traces = await trace.load(nc, topology)
     now = datetime.now(UTC)
-    cutoff = now - timedelta(seconds=seconds(args.older_than))
-    stuck = [t for t in traces.values() if not t.outcome and t.steps[0].time <= cutoff]
-    stuck.sort(key=lambda t: t.steps[0].time)
+    async with connected("stuck") as nc:
+        stuck = await trace.stuck(nc, topology, seconds(args.older_than), now)
     if args.json:
         print(json.dumps([trace.as_json(t, now) for t in stuck], default=str))
         return 0
@@ -378,7 +375,11 @@ def cmd_map(args: argparse.Namespace, topology: Topology) -> int:
 def cmd_replay(args: argparse.Namespace, topology: Topology) -> int:
     from orderflow import recording, replay
 
-    records = recording.read(args.file)
+    try:
+        records = recording.read(args.file)
+    except recording.RecordingError as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return 2
     if args.offline:
         result = asyncio.run(replay.replay_offline(records, topology, args.config.parent))
     else:
@@ -655,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except ModeSwitchRefused as exc:
+    except (ModeSwitchRefused, LayoutRefused) as exc:
         print(f"provision: {exc}", file=sys.stderr)
         return 2
     except ConnectError as exc:

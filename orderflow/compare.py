@@ -109,7 +109,7 @@ class Coupling:
 def coupling(topology: Topology) -> Coupling:
     """Who must know what, read from the topology: consumers' filters and ``emits``."""
     consumes = {
-        name: sorted({s for c in fn.consumers for s in c.filter_subjects})
+        name: sorted({s for c in fn.consumers for s in c.events})
         for name, fn in topology.functions.items()
     }
     emitters: dict[str, set[str]] = defaultdict(set)
@@ -332,9 +332,7 @@ async def _explain(
     read_by_trace = {"ORDERS", topology.dead_letters.stream}
     if topology.retry_log:
         read_by_trace.add(topology.retry_log.stream)
-    inputs = {
-        s for fn in topology.functions.values() for c in fn.consumers for s in c.filter_subjects
-    }
+    inputs = {s for fn in topology.functions.values() for c in fn.consumers for s in c.events}
     others: dict[str, Counter[str]] = defaultdict(Counter)
     for spec in topology.streams:
         if spec.name not in read_by_trace:

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from functions.events import EVENT_TYPES
+from orderflow import subjects
 from orderflow.limits import Limits, config_problems
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")]
@@ -65,7 +67,9 @@ class BucketSpec(_Config, frozen=True):
 class ConsumerSpec(_Config, frozen=True):
     durable: Name
     stream: Name
-    filter_subjects: Annotated[list[str], Meta(min_length=1)]
+    # Event kinds (functions/events.py); the consumer filters on their subjects,
+    # every order's (orderflow/subjects.py).
+    events: Annotated[list[str], Meta(min_length=1)]
     ack_wait: Duration = "30s"
     # Deliveries the runner allows before it dead-letters a message.
     max_deliver: Annotated[int, Meta(ge=1, le=100)] = 8
@@ -85,8 +89,10 @@ class RetrySpec(_Config, frozen=True):
 
 class FunctionSpec(_Config, frozen=True):
     consumers: Annotated[list[ConsumerSpec], Meta(min_length=1)]
-    # Every subject the function may publish; anything else is a bug, dead-lettered.
+    # Every event kind the function may publish; anything else is a bug, dead-lettered.
     emits: list[str] = []
+    # The kinds it may read from an order's history (functions/history.py).
+    reads: list[str] = []
     buckets: list[Name] = []
     # Messages one process handles at once.
     concurrency: Annotated[int, Meta(ge=1, le=1024)] = 16
@@ -167,6 +173,25 @@ class Topology(_Config, frozen=True):
     def stream(self, name: str) -> StreamSpec:
         return next(s for s in self.streams if s.name == name)
 
+    def stream_of(self, subject: str) -> str:
+        """The stream that stores ``subject`` (the checks at load make sure there is one)."""
+        return next(
+            s.name for s in self.streams if any(subject_matches(p, subject) for p in s.subjects)
+        )
+
+    @property
+    def events_stream(self) -> str:
+        """Where the orders' histories are: the stream of ``orders.created``."""
+        return self.stream_of(subjects.INGRESS)
+
+    @property
+    def timers_stream(self) -> str | None:
+        timers = subjects.alarm("x")
+        found = [
+            s.name for s in self.streams if any(subject_matches(p, timers) for p in s.subjects)
+        ]
+        return found[0] if found else None
+
 
 class ConfigError(Exception):
     pass
@@ -220,26 +245,47 @@ def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at:
                     f"{where}.stream: no stream named {consumer.stream!r} "
                     f"(streams: {', '.join(streams)})"
                 )
-            for subject in consumer.filter_subjects:
-                if not any(subject_matches(p, subject) for p in stream.subjects):
-                    raise ConfigError(
-                        f"{where}.filter_subjects: {subject!r} is not stored by stream "
-                        f"{stream.name} (subjects: {', '.join(stream.subjects)})"
-                    )
-        consumed = {s for c in fn.consumers for s in c.filter_subjects}
-        for subject in fn.reject_invalid:
-            if subject not in consumed:
+            for kind in consumer.events:
+                _check_kind(kind, f"{where}.events")
+                for subject in subjects.filters(kind):
+                    if not any(subject_matches(p, subject) for p in stream.subjects):
+                        raise ConfigError(
+                            f"{where}.events: {kind!r} is stored on {subject}, which stream "
+                            f"{stream.name} does not store (subjects: {', '.join(stream.subjects)})"
+                        )
+        consumed = {s for c in fn.consumers for s in c.events}
+        for kind in fn.reject_invalid:
+            if kind not in consumed:
                 raise ConfigError(
-                    f"{at}.{name}.reject_invalid: {subject!r} is not one of its "
-                    f"filter_subjects ({', '.join(sorted(consumed))})"
+                    f"{at}.{name}.reject_invalid: {kind!r} is not one of its "
+                    f"events ({', '.join(sorted(consumed))})"
                 )
         for bucket in fn.buckets:
             if bucket not in buckets:
                 raise ConfigError(f"{at}.{name}.buckets: no bucket named {bucket!r}")
     for name, fn in functions.items():
-        for subject in fn.emits:
+        for kind in fn.reads:
+            _check_kind(kind, f"{at}.{name}.reads")
+        for kind in fn.emits:
+            _check_kind(kind, f"{at}.{name}.emits")
+            subject = emitted_on(kind)
             if not any(subject_matches(p, subject) for s in streams.values() for p in s.subjects):
-                raise ConfigError(f"{at}.{name}.emits: no stream stores {subject!r}")
+                raise ConfigError(f"{at}.{name}.emits: no stream stores {kind!r} ({subject})")
+
+
+def _check_kind(kind: str, where: str) -> None:
+    if kind not in EVENT_TYPES:
+        raise ConfigError(
+            f"{where}: {kind!r} is not an event kind (functions/events.py: "
+            f"{', '.join(sorted(EVENT_TYPES))})"
+        )
+
+
+def emitted_on(kind: str) -> str:
+    """The subject (pattern) an event of ``kind`` is published on: its own, but for alarms."""
+    if kind in ("saga.timeout", "saga.alarms.cleared"):
+        return subjects.alarm("*")
+    return subjects.subject(kind, "*")
 
 
 def _convert(raw: object) -> Topology:

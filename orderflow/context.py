@@ -1,14 +1,17 @@
 """The context every published event carries in its headers, so the log explains itself.
 
-* ``Orderflow-Event-Id``: the event's own id, ``<subject>:<order id>``, also its
-  ``Nats-Msg-Id`` (each order emits each kind of event at most once);
+* ``Orderflow-Event-Id``: the event's own id, ``<kind>:<order id>`` (each
+  order emits each kind of event at most once; a command or an alarm adds its
+  attempt);
 * ``Orderflow-Correlation-Id``: the order id, shared by every event of the order;
 * ``Orderflow-Causation-Id``: the id of the event that caused this one;
 * ``Orderflow-Function``: the function that emitted it;
 * ``traceparent``: W3C trace context, continued from the input.
 
 An input with no context (``nats pub``) gets an id from its place in the log,
-``<stream>:<sequence>``, and a trace id derived from its order id. Every id
+``<stream>:<sequence>`` (even if its publisher gave it a ``Nats-Msg-Id``: the
+position is what lets ``trace`` fetch it without a scan), and a trace id
+derived from its order id. Every id
 is derived, never drawn at random: replaying the same inputs yields the same
 headers, and handlers never see any of this.
 """
@@ -33,8 +36,8 @@ def _hex(text: str, length: int) -> str:
 
 
 def input_event_id(headers: Mapping[str, str], stream: str, sequence: int) -> str:
-    """The id of a consumed message: its own, its publisher's message id, or its log position."""
-    return headers.get(EVENT_ID) or headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
+    """The id of a consumed message: its own, or its position in the log."""
+    return headers.get(EVENT_ID) or f"{stream}:{sequence}"
 
 
 def trace_id(headers: Mapping[str, str], order_id: str) -> str:
@@ -52,7 +55,6 @@ def headers_for(
 ) -> dict[str, str]:
     """Headers of an event emitted by ``function`` in answer to a message with headers ``cause``."""
     return {
-        "Nats-Msg-Id": event_id,
         EVENT_ID: event_id,
         CORRELATION_ID: order_id,
         CAUSATION_ID: cause_id,

@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from orderflow import election
+from orderflow import election, subjects
 from orderflow.config import DeadLetterSpec
 from orderflow.context import input_event_id
-from orderflow.decoding import readable_order_id
+from orderflow.decoding import order_of, readable_order_id
 from orderflow.logs import fields
 
 log = logging.getLogger("orderflow.deadletter")
@@ -43,7 +43,7 @@ class DeadLetters:
     def __init__(self, nc: Client, spec: DeadLetterSpec, function: str) -> None:
         self.js = nc.jetstream()
         self.function = function
-        self.subject = f"{spec.subject_prefix}.{function}"
+        self.prefix = spec.subject_prefix
 
     async def add(self, msg: Msg, reason: str) -> None:
         meta = msg.metadata
@@ -60,7 +60,9 @@ class DeadLetters:
                 TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
         )
-        await election.publish(self.js, self.subject, msg.data, headers=headers)
+        # Filed under the order (orderflow/subjects.py): trace finds it by id.
+        subject = subjects.dead_letter(self.prefix, order_of(msg.subject, msg.data), self.function)
+        await election.publish(self.js, subject, msg.data, headers=headers)
         await msg.ack()
         log.warning(
             "%s: dead-lettered %s (stream %s seq %d): %s",

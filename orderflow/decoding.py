@@ -12,9 +12,10 @@ import msgspec
 
 from functions.events import EVENT_TYPES, AnyOrderId, Event
 from orderflow import limits as limits_mod
+from orderflow import subjects
 from orderflow.limits import Limits
 
-_decoders = {subject: msgspec.json.Decoder(cls) for subject, cls in EVENT_TYPES.items()}
+_decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()}
 _order_id = msgspec.json.Decoder(AnyOrderId)
 
 
@@ -28,20 +29,30 @@ class Invalid:
 def decode(
     subject: str, data: bytes, max_payload: int, limits: Limits | None = None
 ) -> Event | Invalid:
+    """The event on ``subject`` (``orderflow.subjects``: its kind, and its order id but
+    for payload-only ingress), or why not."""
     if len(data) > max_payload:
         return Invalid(f"payload of {len(data)} bytes exceeds max_payload {max_payload}")
-    decoder = _decoders.get(subject)
+    order_id, kind = subjects.parse(subject)
+    decoder = _decoders.get(kind)
     if decoder is None:
         return Invalid(f"no event type is published on {subject}", rejectable=False)
     try:
         event: Event = decoder.decode(data)
     except msgspec.ValidationError as exc:
-        return Invalid(f"invalid {subject}: {exc}")
+        return Invalid(f"invalid {kind}: {exc}")
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
-        return Invalid(f"{subject} is not valid JSON: {exc}")
+        return Invalid(f"{kind} is not valid JSON: {exc}")
+    if order_id is not None and order_id != event.order_id:
+        # The subject is what the log is searched by: an event filed under
+        # another order would be found there and not here.
+        return Invalid(
+            f"{kind} on {subject} names order {order_id!r} in its subject "
+            f"and {event.order_id!r} in its payload"
+        )
     if limits is not None and (over := limits_mod.check(event, limits)) is not None:
-        return Invalid(f"{subject} over limits: {over}")
+        return Invalid(f"{kind} over limits: {over}")
     return event
 
 
@@ -51,3 +62,8 @@ def readable_order_id(data: bytes) -> str | None:
         return _order_id.decode(data).order_id
     except (msgspec.DecodeError, UnicodeDecodeError):
         return None
+
+
+def order_of(subject: str, data: bytes) -> str | None:
+    """The order a message belongs to: its subject says, or else its payload, if readable."""
+    return subjects.parse(subject)[0] or readable_order_id(data)

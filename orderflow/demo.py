@@ -22,6 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.events import TERMINAL_SUBJECTS, OrderCreated, OrderItem
+from orderflow import subjects
 from orderflow.gateway import DECLINED_TOKEN, FLAKY_TOKEN
 
 CATALOG = {  # sku -> unit price in cents; all well stocked in inventory.yaml
@@ -96,7 +97,10 @@ class Tally:
     @contextlib.asynccontextmanager
     async def listening(self, nc: Client) -> AsyncIterator[Tally]:
         """Counting every terminal event while inside."""
-        subs = [await nc.subscribe(s, cb=self.on_terminal) for s in sorted(TERMINAL_SUBJECTS)]
+        subs = [
+            await nc.subscribe(subjects.subject(kind, "*"), cb=self.on_terminal)
+            for kind in sorted(TERMINAL_SUBJECTS)
+        ]
         try:
             yield self
         finally:

@@ -21,6 +21,8 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from orderflow import subjects
+
 VERSION = "0.1.0"
 
 
@@ -52,7 +54,7 @@ async def register(nc: Client, function: str, counters: Counters) -> Service:
 
     service = await add_service(
         nc,
-        name=f"orderflow-{function}",
+        name=subjects.service(function),
         version=VERSION,
         description=f"orderflow function {function}",
         metadata={"function": function, "pid": str(os.getpid())},

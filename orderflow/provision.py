@@ -36,6 +36,7 @@ from nats.js.api import (
 
 from functions.state import Store, Write
 from functions.stock import Level, level_key
+from orderflow import subjects
 from orderflow.config import (
     BucketSpec,
     ConfigError,
@@ -74,6 +75,8 @@ def stream_config(
         allow_rollup_hdrs=spec.allow_rollup,
         allow_msg_ttl=spec.allow_msg_ttl or None,
         max_msg_size=max_msg_size,
+        # Functions read an order's events by subject (orderflow/history.py).
+        allow_direct=True,
     )
 
 
@@ -109,7 +112,7 @@ def consumer_config(spec: ConsumerSpec, start_after: int = 0) -> ConsumerConfig:
         # process died during that last attempt (a server-side cap alone would
         # drop the message silently).
         max_deliver=spec.max_deliver + 1,
-        filter_subjects=list(spec.filter_subjects),
+        filter_subjects=[s for kind in spec.events for s in subjects.filters(kind)],
         max_ack_pending=spec.max_ack_pending,
     )
 
@@ -141,8 +144,54 @@ _STREAM_FIELDS = (
     "allow_rollup_hdrs",
     "allow_msg_ttl",
     "max_msg_size",
+    "allow_direct",
 )
 _CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subjects", "max_ack_pending")
+
+
+class LayoutRefused(Exception):
+    """The server holds messages this version cannot read: an older subject layout."""
+
+
+async def _check_layout(js: Any, config: StreamConfig, have: StreamConfig) -> None:
+    """Refuse to take over a stream whose stored messages the new subjects leave out.
+
+    Before order ids were tokens of every subject (``orderflow/subjects.py``),
+    events were stored on ``payments.succeeded`` and the like; a stream
+    updated to the new subjects would keep them, unread by any consumer,
+    invisible to ``trace``, and the orders they belong to could never finish.
+    """
+    dropped = [
+        p
+        for p in have.subjects or []
+        if not any(config_matches(n, p) for n in config.subjects or [])
+    ]
+    held: dict[str, int] = {}
+    for pattern in dropped:
+        info = await js.stream_info(config.name, subjects_filter=pattern)
+        held.update(info.state.subjects or {})
+    if held:
+        example = ", ".join(sorted(held)[:3])
+        raise LayoutRefused(
+            f"stream {config.name} holds {sum(held.values())} messages on subjects this "
+            f"version does not store (e.g. {example}): they are from an older layout, "
+            f"before every event was filed under its order ({', '.join(config.subjects or [])}). "
+            "Nothing was changed. Start on a fresh server or store (`runner.py up --data-dir "
+            f"NEW_DIR`), or delete the old stream once its orders are finished "
+            f"(`nats stream rm {config.name}`), then provision again; or keep running the "
+            "version that wrote it."
+        )
+
+
+def config_matches(pattern: str, covered: str) -> bool:
+    """Whether every subject ``covered`` matches also matches ``pattern``."""
+    p, c = pattern.split("."), covered.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(c) > i
+        if i >= len(c) or (token not in ("*", c[i]) or c[i] == ">"):
+            return False
+    return len(p) == len(c)
 
 
 async def ensure_stream(
@@ -156,6 +205,7 @@ async def ensure_stream(
         await js.add_stream(config)
         report.say(f"stream {config.name}: created")
         return
+    await _check_layout(js, config, info.config)
     changes = _drift(config, info.config, fields)
     if changes:
         merged = info.config

@@ -4,6 +4,12 @@ Each line holds the subject, the headers, the payload (as text, or base64 when
 it is not UTF-8), the stream sequence and the time it was stored. A recording
 is plain data: it can be diffed, trimmed by hand, committed next to the tests
 and replayed on any server (``orderflow.replay``).
+
+The first line says the format: ``{"orderflow_recording": 2}``. Version 2 is
+the layout that files every event under its order (``order.<ID>.<kind>``,
+``orderflow/subjects.py``); a recording without the line was made before it,
+with subjects this version neither reads nor writes, and is refused with a
+message saying so rather than replayed into nonsense.
 """
 
 from __future__ import annotations
@@ -55,10 +61,23 @@ class Recorded(msgspec.Struct, frozen=True, omit_defaults=True):
         return datetime.fromisoformat(self.time).timestamp()
 
 
+#: The format this version writes and reads.
+FORMAT_VERSION = 2
+
+
+class Header(msgspec.Struct, frozen=True):
+    orderflow_recording: int
+
+
+class RecordingError(Exception):
+    pass
+
+
 def write(records: Iterable[Recorded], path: Path) -> int:
     encoder = msgspec.json.Encoder()
     count = 0
     with path.open("wb") as out:
+        out.write(encoder.encode(Header(FORMAT_VERSION)) + b"\n")
         for record in records:
             out.write(encoder.encode(record) + b"\n")
             count += 1
@@ -67,8 +86,20 @@ def write(records: Iterable[Recorded], path: Path) -> int:
 
 def read(path: Path) -> list[Recorded]:
     decoder = msgspec.json.Decoder(Recorded)
-    with path.open("rb") as lines:
-        return [decoder.decode(line) for line in lines if line.strip()]
+    with path.open("rb") as file:
+        lines = [line for line in file if line.strip()]
+    try:
+        version = msgspec.json.decode(lines[0], type=Header).orderflow_recording if lines else 0
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        version = 0
+    if version != FORMAT_VERSION:
+        made = f"format {version}" if version else "no format line (an older orderflow)"
+        raise RecordingError(
+            f"{path}: {made}, but this version reads format {FORMAT_VERSION} "
+            "(every event filed under its order, order.<ID>.<kind>). Record it again "
+            "with `runner.py record` from a flow run by this version."
+        )
+    return [decoder.decode(line) for line in lines[1:]]
 
 
 async def record(

@@ -27,8 +27,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -38,17 +39,21 @@ from functions.errors import Permanent
 from functions.events import (
     AlarmCleared,
     AnyOrderId,
+    Command,
     Event,
     OrderRejected,
     StepTimedOut,
     event_id,
     subject_of,
 )
+from functions.history import E, MemoryHistory
 from functions.state import MemoryStore, Store
+from orderflow import subjects
 from orderflow.bindings import build_handler
-from orderflow.config import Topology, load_inventory, subject_matches
+from orderflow.config import FunctionSpec, Topology, load_inventory
 from orderflow.context import FUNCTION
 from orderflow.decoding import Invalid, decode, readable_order_id
+from orderflow.emit import check_emits
 from orderflow.provision import provision, seed_levels
 from orderflow.recording import Recorded
 from orderflow.server import EmbeddedServer
@@ -63,7 +68,11 @@ Outcomes = dict[str, list[str]]
 
 
 def external_inputs(records: Iterable[Recorded]) -> list[Recorded]:
-    return [r for r in records if r.subject == "orders.created" and FUNCTION not in r.headers]
+    return [
+        r
+        for r in records
+        if subjects.kind_of(r.subject) == subjects.INGRESS and FUNCTION not in r.headers
+    ]
 
 
 def _line(subject: str, data: bytes) -> str:
@@ -73,16 +82,17 @@ def _line(subject: str, data: bytes) -> str:
 
 
 def outcomes(emitted: Iterable[tuple[str, bytes]]) -> Outcomes:
-    """Group emitted events by order; within an order, sort (arrival order is not behaviour)."""
+    """Group emitted events (kind, payload) by order; within an order, sort (arrival
+    order is not behaviour)."""
     out: dict[str, list[str]] = defaultdict(list)
-    for subject, data in emitted:
+    for kind, data in emitted:
         order_id = msgspec.json.decode(data, type=AnyOrderId).order_id
-        out[order_id].append(_line(subject, data))
+        out[order_id].append(_line(kind, data))
     return {order_id: sorted(lines) for order_id, lines in out.items()}
 
 
 def recorded_outcomes(records: Iterable[Recorded]) -> Outcomes:
-    return outcomes((r.subject, r.data) for r in records if FUNCTION in r.headers)
+    return outcomes((subjects.kind_of(r.subject), r.data) for r in records if FUNCTION in r.headers)
 
 
 @dataclass
@@ -126,6 +136,33 @@ class OfflineResult:
     dead_letters: list[tuple[str, str, str]]  # (function, subject, reason)
 
 
+class ReplayHistory:
+    """The offline flow's history as one handled message sees it: the same rules as
+    ``orderflow.history.MessageHistory`` (reads and appends as streams.yaml declares)."""
+
+    def __init__(
+        self,
+        log: MemoryHistory,
+        function: str,
+        spec: FunctionSpec,
+        append: Callable[[Event], None],
+    ) -> None:
+        self.log = log
+        self.function = function
+        self.reads = frozenset(spec.reads)
+        self.emits = spec.emits
+        self._append = append
+
+    async def last(self, order_id: str, kind: type[E]) -> E | None:
+        if subject_of(kind) not in self.reads:
+            raise Permanent(f"{self.function} read {subject_of(kind)}, not in its reads")
+        return await self.log.last(order_id, kind)
+
+    async def append(self, event: Event) -> None:
+        check_emits(self.function, self.emits, [event])
+        self._append(event)
+
+
 async def run_offline(
     inputs: list[Recorded], topology: Topology, base: Path, attempts: int = 20
 ) -> OfflineResult:
@@ -134,6 +171,8 @@ async def run_offline(
     Each input is followed to the end before the next one starts, so orders
     meet the shelves in the order they were recorded. A handler that fails
     transiently (a flaky card) is tried again later, as the runner would.
+    Every message goes through the runner's own steps: decoding and limits,
+    the emits and reads declared in streams.yaml, one event per order and kind.
     """
     stores: dict[str, Store] = {b.name: MemoryStore() for b in topology.buckets}
     if topology.inventory is not None:
@@ -143,55 +182,67 @@ async def run_offline(
         name: build_handler(topology, name, stores.__getitem__) for name in topology.functions
     }
 
-    def readers(subject: str) -> list[str]:
+    def readers(kind: str) -> list[str]:
         return [
             name
             for name, fn in topology.functions.items()
-            if any(subject_matches(f, subject) for c in fn.consumers for f in c.filter_subjects)
+            if any(kind in c.events for c in fn.consumers)
         ]
 
     result = OfflineResult(emitted=[], dead_letters=[])
-    seen_ids: set[str] = set()  # the stream's duplicate window
+    log = MemoryHistory()  # the events stream: one event per order and kind
+    seen_ids: set[str] = set()  # the stream's duplicate window, for commands
     max_payload = topology.dead_letters.max_payload
+    Queue = deque[tuple[str, str, bytes, int]]
 
-    def publish(event: Event, event_id: str, queue: deque[tuple[str, str, bytes, int]]) -> None:
+    def publish(event: Event, message_id: str | None, queue: Queue) -> None:
         if isinstance(event, StepTimedOut | AlarmCleared):
             # The orchestrator's alarms are time's doing, and no time passes
             # here: none fires (nor is it in the recorded stream, ORDERS).
             return
-        if event_id in seen_ids:
-            return
-        seen_ids.add(event_id)
-        subject, data = subject_of(type(event)), _encode(event)
-        result.emitted.append((subject, data))
-        queue.extend((name, subject, data, 1) for name in readers(subject))
+        if isinstance(event, Command) or message_id is not None:
+            key = message_id or event_id(event)
+            if key in seen_ids:
+                return
+            seen_ids.add(key)
+        elif not log.record(event):
+            return  # the order has this kind already: the stream refuses a second
+        kind, data = subject_of(type(event)), _encode(event)
+        result.emitted.append((kind, data))
+        subject = subjects.subject(kind, event.order_id)
+        queue.extend((name, subject, data, 1) for name in readers(kind))
 
     for sequence, record in enumerate(inputs, start=1):
-        queue = deque((name, record.subject, record.data, 1) for name in readers(record.subject))
+        kind = subjects.kind_of(record.subject)
+        queue: Queue = deque((name, record.subject, record.data, 1) for name in readers(kind))
         while queue:
             name, subject, data, attempt = queue.popleft()
+            kind = subjects.kind_of(subject)
             event = decode(subject, data, max_payload, topology.limits)
             if isinstance(event, Invalid):
                 order_id = readable_order_id(data)
-                rejects = subject in topology.functions[name].reject_invalid
+                rejects = kind in topology.functions[name].reject_invalid
                 if rejects and event.rejectable and order_id is not None:
                     rejection = OrderRejected(order_id, reason=event.reason[:500])
                     publish(rejection, f"orders.rejected:input:{sequence}", queue)
-                result.dead_letters.append((name, subject, event.reason))
+                result.dead_letters.append((name, kind, event.reason))
                 continue
+            spec = topology.functions[name]
+            history = ReplayHistory(log, name, spec, partial(publish, message_id=None, queue=queue))
             try:
-                emitted = await handlers[name](event)
+                emitted = await handlers[name](event, history)
+                check_emits(name, spec.emits, emitted)
             except Permanent as exc:
-                result.dead_letters.append((name, subject, f"permanent failure: {exc}"))
+                result.dead_letters.append((name, kind, f"permanent failure: {exc}"))
                 continue
             except Exception as exc:
                 if attempt >= attempts:
-                    result.dead_letters.append((name, subject, f"{type(exc).__name__}: {exc}"))
+                    result.dead_letters.append((name, kind, f"{type(exc).__name__}: {exc}"))
                 else:
                     queue.append((name, subject, data, attempt + 1))
                 continue
             for out in emitted:
-                publish(out, event_id(out), queue)
+                publish(out, None, queue)
     return result
 
 
@@ -250,12 +301,13 @@ async def replay_live(
             supervisor.start()
             stop = asyncio.Event()
             watcher = asyncio.create_task(supervisor.watch(stop))
-            first_seq = (await nc.jetstream().stream_info("ORDERS")).state.last_seq + 1
+            events = topology.events_stream
+            first_seq = (await nc.jetstream().stream_info(events)).state.last_seq + 1
             await _publish(nc, inputs, original_speed, progress)
             if progress:
                 print("  waiting for the functions to settle...", file=sys.stderr)
             await wait_until_quiet(nc, topology, timeout=timeout)
-            stored = await read_stream(nc, "ORDERS", from_seq=first_seq)
+            stored = await read_stream(nc, events, from_seq=first_seq)
             stop.set()
             await watcher
         finally:
@@ -263,7 +315,7 @@ async def replay_live(
             await asyncio.to_thread(supervisor.stop)
             if server is not None:
                 server.stop()
-    replayed = outcomes((s.subject, s.data) for s in stored if FUNCTION in s.headers)
+    replayed = outcomes((s.kind, s.data) for s in stored if FUNCTION in s.headers)
     return compare(recorded_outcomes(records), replayed)
 
 

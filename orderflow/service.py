@@ -48,7 +48,10 @@ async def serve(
         for line in report.lines:
             log.info("%s: %s", function, line)
         handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
-        worker = Worker(nc, topology, function, handler)
+        # A replicated stream's followers may lag: joins read from its leader.
+        events = await nc.jetstream().stream_info(topology.events_stream)
+        leader_reads = (events.config.num_replicas or 1) > 1
+        worker = Worker(nc, topology, function, handler, leader_reads=leader_reads)
         service = await register(nc, function, worker.counters)
         log.info("%s: consuming (pid %d, service %s)", function, os.getpid(), service.id)
         await worker.run(stop)

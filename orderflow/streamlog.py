@@ -17,9 +17,11 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from functions.events import EVENT_TYPES, Event
+from orderflow import subjects
 
 #: Fetches answered 503 (nobody serves the consumer yet) before giving up, 0.1 s apart.
 UNAVAILABLE_TRIES = 50
@@ -33,8 +35,13 @@ class Stored:
     sequence: int
     time: datetime
 
+    @property
+    def kind(self) -> str:
+        """The event's kind (``payments.succeeded``), whatever order's subject it is on."""
+        return subjects.kind_of(self.subject)
+
     def event(self) -> Event:
-        decoded: Event = msgspec.json.decode(self.data, type=EVENT_TYPES[self.subject])
+        decoded: Event = msgspec.json.decode(self.data, type=EVENT_TYPES[self.kind])
         return decoded
 
 
@@ -89,3 +96,95 @@ async def read_stream(
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     return out
+
+
+# --- one order's messages, by subject ------------------------------------------
+#
+# An order's events share a subject prefix (orderflow/subjects.py), so the
+# server's subject index finds them directly: a batch direct get of the
+# filter returns just those messages, however long the stream. Two requests:
+# the first returns the first match and says how many more there are, the
+# second asks for exactly that many. Asking for more than there are would
+# make the server look past the last match, through every later block of a
+# large stream, to be sure there is none.
+
+#: Messages of one filter read at most (an order has a dozen or so).
+MAX_PER_FILTER = 10_000
+
+
+def _stored(msg: Msg) -> Stored:
+    h = dict(msg.headers or {})
+    stamp = h.pop("Nats-Time-Stamp", "")
+    subject = h.pop("Nats-Subject", msg.subject)
+    sequence = int(h.pop("Nats-Sequence", "0"))
+    for server_only in ("Nats-Stream", "Nats-Num-Pending", "Nats-Last-Sequence"):
+        h.pop(server_only, None)
+    return Stored(subject, msg.data, h, sequence, _timestamp(stamp))
+
+
+def _timestamp(stamp: str) -> datetime:
+    # RFC 3339 with nanoseconds; Python's datetime keeps microseconds.
+    head, dot, rest = stamp.rstrip("Z").partition(".")
+    fraction = rest[:6].ljust(6, "0") if dot else "000000"
+    return datetime.fromisoformat(f"{head}.{fraction}+00:00")
+
+
+async def _direct_batch(
+    nc: Client, stream: str, request: dict[str, object], timeout: float
+) -> tuple[list[Stored], int]:
+    """The messages one batch direct get returns, and how many more match after them."""
+    inbox = nc.new_inbox()
+    got: list[Stored] = []
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def arrived(msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status") if not msg.data else None
+        if status is None:
+            got.append(_stored(msg))
+        elif not done.done():
+            # 204: end of batch (with what is still pending); 404: nothing matches.
+            done.set_result(int(headers.get("Nats-Num-Pending", "0")) if status == "204" else 0)
+
+    sub = await nc.subscribe(inbox, cb=arrived)
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), reply=inbox)
+        pending = await asyncio.wait_for(done, timeout)
+    finally:
+        await sub.unsubscribe()
+    return got, pending
+
+
+async def read_subject(
+    nc: Client, stream: str, subject_filter: str, from_seq: int = 0, timeout: float = 5.0
+) -> list[Stored]:
+    """Every message of ``stream`` on ``subject_filter`` (from ``from_seq``), in order,
+    found by the subject index."""
+    first, pending = await _direct_batch(
+        nc, stream, {"seq": from_seq, "next_by_subj": subject_filter, "batch": 1}, timeout
+    )
+    if not first or not pending:
+        return first
+    rest, _ = await _direct_batch(
+        nc,
+        stream,
+        {
+            "seq": first[-1].sequence + 1,
+            "next_by_subj": subject_filter,
+            "batch": min(pending, MAX_PER_FILTER),
+        },
+        timeout,
+    )
+    return first + rest
+
+
+async def read_at(nc: Client, stream: str, sequence: int, timeout: float = 5.0) -> Stored | None:
+    """The message at ``sequence``, or ``None`` (gone, or never there)."""
+    msg = await nc.request(
+        f"$JS.API.DIRECT.GET.{stream}",
+        msgspec.json.encode({"seq": sequence}),
+        timeout=timeout,
+    )
+    if not msg.data and (msg.headers or {}).get("Status"):
+        return None
+    return _stored(msg)

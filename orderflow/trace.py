@@ -7,13 +7,19 @@ letters. This module reads all three for one order and lays them out as a
 causal timeline. When the order is not finished, :func:`waiting_on` says what
 the flow expects next and which function owes it, and the consumer of that
 function says whether anyone is there to do it.
+
+Nothing here scans: every message of an order is filed under its id
+(``orderflow.subjects``), so reading one order is a filtered read per stream
+(its events, its alarms, its retries, its dead letters) that the server's
+subject index answers, plus the payload-only ``orders.created`` it started
+from, fetched by the position its first reactions name as their cause. The
+cost is the order's own size, whatever the history's.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -23,10 +29,11 @@ from nats.aio.client import Client
 from functions.events import TERMINAL_SUBJECTS
 from orderflow import context as ctx
 from orderflow import deadletter as dl
-from orderflow.config import Mode, Topology, subject_matches
-from orderflow.decoding import readable_order_id
+from orderflow import subjects
+from orderflow.config import FunctionSpec, Mode, Topology
+from orderflow.decoding import order_of
 from orderflow.status import ask_all
-from orderflow.streamlog import Stored, read_stream
+from orderflow.streamlog import Stored, read_at, read_subject
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Step:
     sequence: int
     time: datetime
     subject: str
+    kind: str  # the event's kind, e.g. payments.succeeded
     by: str  # the emitting function, or "client"
     event_id: str
     caused_by: str | None  # the subject of the cause
@@ -76,9 +84,7 @@ class Trace:
 
     @property
     def outcome(self) -> str | None:
-        done = [
-            s.subject for s in self.steps if s.subject in TERMINAL_SUBJECTS | {"orders.rejected"}
-        ]
+        done = [s.kind for s in self.steps if s.kind in TERMINAL_SUBJECTS | {"orders.rejected"}]
         return done[0].rsplit(".", 1)[1] if done else None
 
 
@@ -105,8 +111,8 @@ def _saga_waiting_on(logged: Sequence[str]) -> Owing:
     anything else awaits the orchestrator's next command. Fired deadlines and
     alarms change neither: a command sent again is logged as one, and one that
     is not (the step waits) is still owed by its function."""
-    last = next((s for s in reversed(logged) if not s.startswith("saga.alarms.")
-                 and s != "saga.timeout"), logged[-1])  # fmt: skip
+    timers = (subjects.ALARM, "saga.timeout")
+    last = next((kind for kind in reversed(logged) if kind not in timers), logged[-1])
     command = last.split(".")
     if len(command) == 3 and command[0] == "saga":  # saga.<function>.<verb>
         return [(command[1], f"its answer to {last}", {last})]
@@ -140,7 +146,7 @@ def _choreography_waiting_on(subjects: set[str]) -> Owing:
 
 
 def _order_of(stored: Stored) -> str | None:
-    return stored.headers.get(ctx.CORRELATION_ID) or readable_order_id(stored.data)
+    return stored.headers.get(ctx.CORRELATION_ID) or order_of(stored.subject, stored.data)
 
 
 def _payload(data: bytes) -> object:
@@ -150,11 +156,11 @@ def _payload(data: bytes) -> object:
         return data.decode(errors="replace")
 
 
-def steps_of(events: list[Stored]) -> list[Step]:
+def steps_of(events: list[Stored], stream: str = "ORDERS") -> list[Step]:
     by_id: dict[str, Stored] = {}
     steps = []
     for e in events:
-        event_id = ctx.input_event_id(e.headers, "ORDERS", e.sequence)
+        event_id = ctx.input_event_id(e.headers, stream, e.sequence)
         by_id[event_id] = e
         cause = by_id.get(e.headers.get(ctx.CAUSATION_ID, ""))
         steps.append(
@@ -162,9 +168,10 @@ def steps_of(events: list[Stored]) -> list[Step]:
                 sequence=e.sequence,
                 time=e.time,
                 subject=e.subject,
+                kind=e.kind,
                 by=e.headers.get(ctx.FUNCTION, "client"),
                 event_id=event_id,
-                caused_by=cause.subject if cause else None,
+                caused_by=cause.kind if cause else None,
                 hop_ms=(e.time - cause.time).total_seconds() * 1000 if cause else None,
                 payload=_payload(e.data),
             )
@@ -184,87 +191,132 @@ async def _consumer_state(nc: Client, topology: Topology, function: str) -> dict
     return state
 
 
-def _stream_of(topology: Topology, subject: str) -> str:
-    return next(
-        s.name for s in topology.streams if any(subject_matches(p, subject) for p in s.subjects)
-    )
-
-
-async def load(
-    nc: Client, topology: Topology, order_ids: set[str] | None = None
-) -> dict[str, Trace]:
-    """Traces of ``order_ids`` (every order in the log when ``None``)."""
-    events_stream = _stream_of(topology, "orders.created")
-    streams = [events_stream]
-    if topology.mode == "orchestration":
+async def order_messages(nc: Client, topology: Topology, order_id: str) -> list[Stored]:
+    """Everything the events stream (and the timers stream) holds about one order, in time
+    order: one filtered read each, plus the payload-only ingress its reactions name."""
+    stream = topology.events_stream
+    found = await read_subject(nc, stream, subjects.of_order(order_id))
+    if topology.timers_stream is not None and topology.mode == "orchestration":
         # The orchestrator's fired deadlines: the cause of a command sent again.
-        streams += {_stream_of(topology, "saga.timeout")} - {events_stream}
-    events: dict[str, list[Stored]] = defaultdict(list)
-    for stream in streams:
-        for stored in await read_stream(nc, stream):
-            order_id = _order_of(stored)
-            if order_id and (order_ids is None or order_id in order_ids):
-                events[order_id].append(stored)
-    for logged in events.values():
-        logged.sort(key=lambda stored: stored.time)
-    retries: dict[str, list[Aside]] = defaultdict(list)
+        found += await read_subject(
+            nc, topology.timers_stream, subjects.of_order(order_id, subjects.TIMER)
+        )
+    ingress = {
+        seq for s in found if (seq := _position(s.headers.get(ctx.CAUSATION_ID, ""), stream))
+    }
+    ingress -= {s.sequence for s in found}
+    for sequence in sorted(ingress):
+        stored = await read_at(nc, stream, sequence)
+        if stored is not None and _order_of(stored) == order_id:
+            found.append(stored)
+    found.sort(key=lambda stored: stored.time)
+    return found
+
+
+def _position(event_id: str, stream: str) -> int | None:
+    """The sequence in ``stream`` an id names, when it is a position (``ORDERS:17``)."""
+    head, _, tail = event_id.partition(":")
+    return int(tail) if head == stream and tail.isdigit() else None
+
+
+async def _asides(nc: Client, topology: Topology, order_id: str) -> tuple[list[Aside], list[Aside]]:
+    """The order's failed attempts and dead letters, each one filtered read."""
+    retries = []
     if topology.retry_log is not None:
-        for stored in await read_stream(nc, topology.retry_log.stream):
-            order_id = _order_of(stored)
+        log = topology.retry_log
+        for stored in await read_subject(
+            nc, log.stream, subjects.retry_note(log.subject_prefix, order_id, ">")
+        ):
             note = _payload(stored.data)
-            if order_id in events and isinstance(note, dict):
+            if isinstance(note, dict):
                 detail = (
                     f"attempt {note.get('attempt')} failed, again in {note.get('delay_s')} s: "
                     f"{note.get('error')}"
                 )
-                retries[order_id].append(
-                    Aside(
-                        stored.time,
-                        "retry",
-                        str(note.get("function")),
-                        str(note.get("subject")),
-                        detail,
-                        note,
-                    )
-                )
-    dead: dict[str, list[Aside]] = defaultdict(list)
-    for stored in await read_stream(nc, topology.dead_letters.stream):
-        order_id = _order_of(stored)
-        if order_id in events:
-            h = stored.headers
-            detail = f"dead letter {stored.sequence}: {h.get(dl.REASON, '')}"
-            dead[order_id].append(
-                Aside(
-                    stored.time,
-                    "dead letter",
-                    h.get(dl.FUNCTION, "?"),
-                    h.get(dl.SUBJECT, "?"),
-                    detail,
-                    {"id": stored.sequence},
-                )
-            )
-    consumers = {name: await _consumer_state(nc, topology, name) for name in topology.functions}
-    steps = {order_id: steps_of(logged) for order_id, logged in events.items()}
+                retries.append(
+                    Aside(stored.time, "retry", str(note.get("function")),
+                          subjects.kind_of(str(note.get("subject"))), detail, note)
+                )  # fmt: skip
+    dead = []
+    letters = topology.dead_letters
+    for stored in await read_subject(
+        nc, letters.stream, subjects.dead_letter(letters.subject_prefix, order_id, ">")
+    ):
+        h = stored.headers
+        detail = f"dead letter {stored.sequence}: {h.get(dl.REASON, '')}"
+        dead.append(
+            Aside(stored.time, "dead letter", h.get(dl.FUNCTION, "?"),
+                  subjects.kind_of(h.get(dl.SUBJECT, "?")), detail, {"id": stored.sequence})
+        )  # fmt: skip
+    return retries, dead
+
+
+async def load(nc: Client, topology: Topology, order_ids: Iterable[str]) -> dict[str, Trace]:
+    """Traces of ``order_ids`` (those with anything in the log); each costs its own size."""
+    found: dict[str, tuple[list[Step], list[Aside], list[Aside]]] = {}
+    for order_id in order_ids:
+        messages = await order_messages(nc, topology, order_id)
+        retries, dead = await _asides(nc, topology, order_id)
+        if messages:
+            found[order_id] = (steps_of(messages, topology.events_stream), retries, dead)
     owing = {
-        order_id: waiting_on([s.subject for s in order], topology.mode)
-        for order_id, order in steps.items()
+        order_id: waiting_on([s.kind for s in steps], topology.mode)
+        for order_id, (steps, _, _) in found.items()
     }
+    owing_functions = {f for owed in owing.values() for f, _, _ in owed if f in topology.functions}
+    consumers = {name: await _consumer_state(nc, topology, name) for name in owing_functions}
     # Instances answering the NATS micro protocol, asked only of functions owing a step.
-    for name in {f for owed in owing.values() for f, _, _ in owed if f in consumers}:
-        consumers[name]["instances"] = len(await ask_all(nc, f"$SRV.PING.orderflow-{name}"))
+    for name in owing_functions:
+        consumers[name]["instances"] = len(await ask_all(nc, f"$SRV.PING.{subjects.service(name)}"))
     traces = {}
-    for order_id in events:
+    for order_id, (steps, retries, dead) in found.items():
         owed = []
         for function, what, due_to in owing[order_id]:
-            order_steps = steps[order_id]
-            since = max(
-                (s.time for s in order_steps if s.subject in due_to),
-                default=order_steps[0].time,
-            )
-            held = [d for d in dead[order_id] if d.function == function and d.subject in due_to]
+            since = max((s.time for s in steps if s.kind in due_to), default=steps[0].time)
+            held = [d for d in dead if d.function == function and d.subject in due_to]
             owed.append(Owed(function, what, since, consumers.get(function, {}), held))
-        traces[order_id] = Trace(order_id, steps[order_id], retries[order_id], dead[order_id], owed)
+        traces[order_id] = Trace(order_id, steps, retries, dead, owed)
     return traces
+
+
+async def in_flight(nc: Client, topology: Topology) -> set[str]:
+    """Every order that may be unfinished, found without reading the history.
+
+    An order that is not finished is waiting for some function, so one of its
+    messages is either not yet settled by that function's consumer (past the
+    consumer's ack floor: waiting, in hand, or settled out of order just
+    now) or in the dead letters. Reading exactly those costs what the
+    unfinished orders (and the consumers' windows) cost, however long the
+    history behind them.
+    """
+    js = nc.jetstream()
+    found: set[str] = set()
+    for fn in topology.functions.values():
+        for consumer in fn.consumers:
+            info = await js.consumer_info(consumer.stream, consumer.durable)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            for kind in sorted({k for k in consumer.events}):
+                for pattern in subjects.filters(kind):
+                    for stored in await read_subject(nc, consumer.stream, pattern, floor + 1):
+                        if (order_id := order_of(stored.subject, stored.data)) is not None:
+                            found.add(order_id)
+    letters = topology.dead_letters
+    for stored in await read_subject(nc, letters.stream, f"{letters.subject_prefix}.>"):
+        head = stored.subject.split(".")  # dlq.<ID>.<function>
+        if len(head) >= 3 and head[1] != subjects.NO_ORDER:
+            found.add(head[1])
+    return found
+
+
+async def stuck(nc: Client, topology: Topology, older_than: float, now: datetime) -> list[Trace]:
+    """Unfinished orders that started more than ``older_than`` seconds before ``now``."""
+    traces = await load(nc, topology, sorted(await in_flight(nc, topology)))
+    late = [
+        t
+        for t in traces.values()
+        if not t.outcome and (now - t.steps[0].time).total_seconds() >= older_than
+    ]
+    return sorted(late, key=lambda t: t.steps[0].time)
 
 
 # --- rendering ---------------------------------------------------------------
@@ -284,14 +336,14 @@ def render(trace: Trace, now: datetime) -> str:
     head += f" ({len(trace.steps)} events, {len(trace.retries)} retries, "
     head += f"{len(trace.dead_letters)} dead letters)"
     lines = [head, ""]
-    ev = max(20, *(len(s.subject) for s in trace.steps))
+    ev = max(20, *(len(s.kind) for s in trace.steps))
     by = max(9, *(len(s.by) for s in trace.steps))
     lines.append(f"  {'at':>10}  {'event':<{ev}} {'by':<{by}} {'caused by':<{ev}} {'hop':>9}")
     for s in trace.steps:
         hop = f"{s.hop_ms:.1f} ms" if s.hop_ms is not None else ""
         at = f"+{(s.time - t0).total_seconds() * 1000:.1f} ms"
         cause = s.caused_by or ""
-        lines.append(f"  {at:>10}  {s.subject:<{ev}} {s.by:<{by}} {cause:<{ev}} {hop:>9}")
+        lines.append(f"  {at:>10}  {s.kind:<{ev}} {s.by:<{by}} {cause:<{ev}} {hop:>9}")
     for a in sorted(trace.retries + trace.dead_letters, key=lambda a: a.time):
         at = f"+{(a.time - t0).total_seconds() * 1000:.1f} ms"
         lines.append(f"  {at:>10}  {a.kind.upper()}: {a.function} on {a.subject}: {a.detail}")
@@ -320,6 +372,7 @@ def as_json(trace: Trace, now: datetime) -> dict[str, object]:
                 "sequence": s.sequence,
                 "time": s.time.isoformat(),
                 "subject": s.subject,
+                "kind": s.kind,
                 "by": s.by,
                 "event_id": s.event_id,
                 "caused_by": s.caused_by,
@@ -348,6 +401,10 @@ def _aside_json(a: Aside) -> dict[str, object]:
             "detail": a.detail, **a.fields}  # fmt: skip
 
 
+def _consumed(fn: FunctionSpec) -> set[str]:
+    return {k for c in fn.consumers for k in c.events}
+
+
 def _node(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name)
 
@@ -355,19 +412,15 @@ def _node(name: str) -> str:
 def mermaid_sequence(trace: Trace, topology: Topology) -> str:
     """The order as a Mermaid sequence diagram: each event from its emitter to its readers."""
     readers = {
-        subject: [
-            name
-            for name, fn in topology.functions.items()
-            if any(subject_matches(f, subject) for c in fn.consumers for f in c.filter_subjects)
-        ]
-        for subject in {s.subject for s in trace.steps}
+        kind: [name for name, fn in topology.functions.items() if kind in _consumed(fn)]
+        for kind in {s.kind for s in trace.steps}
     }
     lines = ["sequenceDiagram", "  participant client"]
     lines += [f"  participant {name}" for name in topology.functions]
     for s in trace.steps:
-        for reader in readers[s.subject] or ["client"]:
+        for reader in readers[s.kind] or ["client"]:
             hop = f" (+{s.hop_ms:.0f} ms)" if s.hop_ms is not None else ""
-            lines.append(f"  {s.by}->>{reader}: {s.subject}{hop}")
+            lines.append(f"  {s.by}->>{reader}: {s.kind}{hop}")
     for a in sorted(trace.retries + trace.dead_letters, key=lambda a: a.time):
         lines.append(f"  Note over {a.function}: {a.kind} on {a.subject}")
     return "\n".join(lines)
@@ -376,15 +429,15 @@ def mermaid_sequence(trace: Trace, topology: Topology) -> str:
 def mermaid_map(topology: Topology) -> str:
     """The topology of ``streams.yaml`` as a Mermaid flowchart: who consumes and emits what."""
     lines = ["flowchart LR"]
-    subjects = sorted(
-        {f for fn in topology.functions.values() for c in fn.consumers for f in c.filter_subjects}
-        | {s for fn in topology.functions.values() for s in fn.emits}
+    kinds = sorted(
+        {k for fn in topology.functions.values() for k in _consumed(fn)}
+        | {k for fn in topology.functions.values() for k in fn.emits}
     )
-    lines += [f'  {_node(s)}(["{s}"])' for s in subjects]
+    lines += [f'  {_node(k)}(["{k}"])' for k in kinds]
     for name, fn in topology.functions.items():
         lines.append(f"  {_node(name)}[[{name}]]")
-        for subject in sorted({f for c in fn.consumers for f in c.filter_subjects}):
-            lines.append(f"  {_node(subject)} --> {_node(name)}")
-        for subject in fn.emits:
-            lines.append(f"  {_node(name)} --> {_node(subject)}")
+        for kind in sorted(_consumed(fn)):
+            lines.append(f"  {_node(kind)} --> {_node(name)}")
+        for kind in fn.emits:
+            lines.append(f"  {_node(name)} --> {_node(kind)}")
     return "\n".join(lines)

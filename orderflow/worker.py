@@ -31,33 +31,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent, Retry
-from functions.events import (
-    AlarmCleared,
-    Event,
-    OrderRejected,
-    StepTimedOut,
-    alarm_subject,
-    event_id,
-    subject_of,
-)
-from orderflow import election
+from functions.events import Event, OrderRejected, event_id, subject_of
+from functions.history import History
+from orderflow import subjects
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
-from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, headers_for, input_event_id
+from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, input_event_id
 from orderflow.deadletter import DeadLetters
 from orderflow.decoding import Invalid, decode, readable_order_id
+from orderflow.emit import Emitter
 from orderflow.failpoints import crash_point
+from orderflow.history import MessageHistory, OrderLog
 from orderflow.logs import fields
 from orderflow.metrics import Counters
 from orderflow.pull import Puller
 
-Handler = Callable[[Event], Awaitable[Sequence[Event]]]
+Handler = Callable[[Event, History], Awaitable[Sequence[Event]]]
 #: The messages in hand, by reply subject (unique per delivery): the message and
 #: when the server last heard from us about it.
 Held = dict[str, tuple[Msg, float]]
@@ -81,12 +75,23 @@ _encoder = msgspec.json.Encoder()
 
 
 class Worker:
-    def __init__(self, nc: Client, topology: Topology, function: str, handler: Handler) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        topology: Topology,
+        function: str,
+        handler: Handler,
+        leader_reads: bool = False,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.name = function
         self.spec: FunctionSpec = topology.functions[function]
         self.handler = handler
+        self.emitter = Emitter(nc, function, self.spec.emits)
+        self.reads = frozenset(self.spec.reads)
+        # An order's history lives where its events are stored.
+        self.log = OrderLog(nc, topology.events_stream, leader_only=leader_reads)
         self.dead_letters = DeadLetters(nc, topology.dead_letters, function)
         self.max_payload = topology.dead_letters.max_payload
         self.limits = topology.limits
@@ -156,11 +161,13 @@ class Worker:
         input_id = input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)
         context = fields(self.name, msg.subject, event.order_id, input_id)
         started = time.perf_counter_ns()
+        kind = subject_of(type(event))
+        history = MessageHistory(self.log, self.emitter, msg, self.reads)
         try:
-            emitted = await self.handler(event)
-            crash_point("after-handle", self.name, event.order_id, msg.subject)
-            await self._publish(emitted, cause=msg)
-            crash_point("after-publish", self.name, event.order_id, msg.subject)
+            emitted = await self.handler(event, history)
+            crash_point("after-handle", self.name, event.order_id, kind)
+            await self._publish(emitted, history)
+            crash_point("after-publish", self.name, event.order_id, kind)
         except Permanent as exc:
             self._failed(exc)
             await self._dead_letter(msg, f"permanent failure: {exc}")
@@ -175,7 +182,7 @@ class Worker:
             delay = self.spec.retry.delay(attempt) if delay is None else delay
             log.warning(
                 "%s: %s for order %s failed (attempt %d), retrying in %.2fs: %s: %s",
-                self.name, msg.subject, event.order_id, attempt, delay, type(exc).__name__, exc,
+                self.name, kind, event.order_id, attempt, delay, type(exc).__name__, exc,
                 extra=context,
             )  # fmt: skip
             await msg.nak(delay=delay)
@@ -187,7 +194,7 @@ class Worker:
         self.counters.processing_ns += time.perf_counter_ns() - started
         if log.isEnabledFor(logging.DEBUG):
             outputs = ", ".join(subject_of(type(e)) for e in emitted) or "nothing"
-            log.debug("%s: %s for order %s -> %s", self.name, msg.subject, event.order_id,
+            log.debug("%s: %s for order %s -> %s", self.name, kind, event.order_id,
                       outputs, extra=context)  # fmt: skip
 
     def _failed(self, exc: Exception) -> None:
@@ -200,60 +207,26 @@ class Worker:
 
     async def _reject(self, msg: Msg, reason: str) -> None:
         """Dead-letter an input that can never be handled; tell its publisher when we can."""
-        if msg.subject in self.spec.reject_invalid:
+        if subjects.kind_of(msg.subject) in self.spec.reject_invalid:
             order_id = readable_order_id(msg.data)
             if order_id is not None:
                 meta = msg.metadata
                 rejection = OrderRejected(order_id, reason=reason[:500])
                 # One rejection per rejected message, however often it is delivered.
                 rejection_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
-                await election.publish(
-                    self.js,
-                    subject_of(OrderRejected),
-                    _encoder.encode(rejection),
-                    headers=self._context(rejection_id, rejection, msg),
-                )
+                await self.emitter.emit(rejection, msg, message_id=rejection_id)
         await self._dead_letter(msg, reason)
 
-    def _context(self, own_id: str, event: Event, cause: Msg) -> dict[str, str]:
-        meta = cause.metadata
-        cause_headers = cause.headers or {}
-        return headers_for(
-            event_id=own_id,
-            order_id=event.order_id,
-            function=self.name,
-            cause=cause_headers,
-            cause_id=input_event_id(cause_headers, meta.stream, meta.sequence.stream),
-        )
-
-    async def _publish(self, events: Sequence[Event], cause: Msg) -> None:
-        undeclared = [s for e in events if (s := subject_of(type(e))) not in self.spec.emits]
-        if undeclared:
-            # A bug, not bad luck: retrying would publish the same thing again.
-            raise Permanent(
-                f"{self.name} emitted {', '.join(undeclared)}, not in functions.{self.name}.emits "
-                f"({', '.join(self.spec.emits) or 'nothing'})"
-            )
+    async def _publish(self, events: Sequence[Event], history: MessageHistory) -> None:
+        self.emitter.check(events)
         # Concurrently: the input is acked only once every ack is in.
-        await asyncio.gather(*(self._publish_one(event, cause) for event in events))
-
-    async def _publish_one(self, event: Event, cause: Msg) -> None:
-        subject = subject_of(type(event))
-        headers = self._context(event_id(event), event, cause)
-        if isinstance(event, StepTimedOut):
-            # An alarm: the server stores it as a schedule (replacing the
-            # order's previous one) and publishes it on its own subject
-            # delay_ms from now. The clock is read here, in the runner, so
-            # the orchestrator's decisions stay pure.
-            headers |= schedule_headers(subject, event.delay_ms / 1000)
-            subject = alarm_subject(event.order_id)
-        elif isinstance(event, AlarmCleared):
-            # A plain message rolled up over the schedule withdraws it, and
-            # expires itself: nothing of the alarm is left in the stream.
-            headers |= {"Nats-Rollup": "sub", "Nats-TTL": "1s"}
-            subject = alarm_subject(event.order_id)
-        # Asked again while the stream is between leaders (orderflow.election).
-        await election.publish(self.js, subject, _encoder.encode(event), headers=headers)
+        await asyncio.gather(
+            *(
+                self.emitter.emit(event, history.cause)
+                for event in events
+                if event_id(event) not in history.appended
+            )
+        )
 
     async def _note_retry(self, msg: Msg, event: Event, delay: float, exc: Exception) -> None:
         """Put the failed attempt in the log, for ``trace``; best effort, never in the way."""
@@ -277,7 +250,7 @@ class Worker:
         }
         try:
             await self.js.publish(
-                f"{self.retry_log.subject_prefix}.{self.name}",
+                subjects.retry_note(self.retry_log.subject_prefix, event.order_id, self.name),
                 _encoder.encode(note),
                 headers=headers,
             )
@@ -304,12 +277,3 @@ async def _keep_alive(held: Held, ack_wait: float) -> None:
                 held[reply] = (msg, now)
                 with contextlib.suppress(Exception):  # the server is away: nothing to tell
                     await msg.in_progress()
-
-
-def schedule_headers(target: str, delay: float) -> dict[str, str]:
-    """Headers that make JetStream publish a stored message on ``target`` ``delay`` s from now."""
-    at = datetime.now(UTC) + timedelta(seconds=delay)
-    return {
-        "Nats-Schedule": f"@at {at.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}",
-        "Nats-Schedule-Target": target,
-    }

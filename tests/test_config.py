@@ -32,7 +32,7 @@ def test_streams_yaml_loads() -> None:
     assert topology.stream("ORDERS").subjects
     for fn in topology.functions.values():
         assert all(c.stream == "ORDERS" for c in fn.consumers)
-    assert topology.functions["stock"].consumers[0].filter_subjects == [
+    assert topology.functions["stock"].consumers[0].events == [
         "orders.created",
         "payments.failed",
     ]
@@ -68,7 +68,7 @@ def test_consumer_naming_a_missing_stream(tmp_path: Path) -> None:
 
 def test_filter_subject_not_stored_by_the_stream(tmp_path: Path) -> None:
     message = load_error(variant(tmp_path, ', "delivery.>"', ""))
-    assert "functions.order.consumers[0].filter_subjects" in message
+    assert "functions.order.consumers[0].events" in message
     assert "'delivery.scheduled'" in message
     assert "ORDERS" in message
 

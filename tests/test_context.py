@@ -28,7 +28,7 @@ async def test_headers_chain_every_hop(start_flow: StartFlow) -> None:
         per_order[stored.event().order_id].append(stored)
 
     consumes = {
-        name: {s for c in fn.consumers for s in c.filter_subjects}
+        name: {s for c in fn.consumers for s in c.events}
         for name, fn in flow.topology.functions.items()
     }
     for order_id in ids:

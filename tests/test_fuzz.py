@@ -362,7 +362,7 @@ async def test_malformed_payloads_are_dead_lettered_and_good_orders_still_comple
         rejecting.update(spec.reject_invalid)
         for consumer in spec.consumers:
             assert consumer.stream == STREAM, consumer
-            for subject in consumer.filter_subjects:
+            for subject in consumer.events:
                 readers[subject].append(name)
     # Every consumed subject is fuzzed.
     assert set(readers) == {"orders.created", *OTHER_SUBJECTS}, sorted(readers)

@@ -93,7 +93,7 @@ def _readers(flow: Flow) -> set[str]:
     return {
         name
         for name, fn in flow.topology.functions.items()
-        if any("orders.created" in c.filter_subjects for c in fn.consumers)
+        if any("orders.created" in c.events for c in fn.consumers)
     }
 
 

@@ -1,4 +1,4 @@
-"""payment: charge once through the gateway, refund once, never charge a voided order."""
+"""payment: charge once through the gateway, refund once, whatever the arrival order."""
 
 from __future__ import annotations
 
@@ -15,38 +15,48 @@ from functions.events import (
     Shortage,
     StockUnavailable,
 )
-from functions.payment import GatewayUnavailable, PaymentRecord
+from functions.history import History, MemoryHistory
+from functions.payment import GatewayUnavailable
 from functions.state import MemoryStore
 from orderflow.gateway import RefundRecord, SimulatedGateway
+from tests.logkit import schedules
+
+TOTAL = 2 * 1500 + 250
+UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 0)])
+
+
+def placed(token: str = "tok_visa") -> OrderCreated:
+    items = [OrderItem("BOOK-42", 2, 1500), OrderItem("PEN-1", 1, 250)]
+    return OrderCreated("o-1", "c-7", items, payment_token=token)
 
 
 class Payments:
-    """The payment function's state and the gateway's own, each in its own store."""
+    """The payment function with the order's history and the gateway's own memory."""
 
     def __init__(self) -> None:
-        self.store = MemoryStore()
+        self.history = MemoryHistory()
         self.gateway_store = MemoryStore()
         self.gateway = SimulatedGateway(self.gateway_store)
 
+    async def handle(self, event: Event, history: History | None = None) -> list[Event]:
+        """Store the input, handle it, store what it answered: as the log would."""
+        log = self.history if history is None else history
+        if isinstance(log, MemoryHistory):
+            log.record(event)
+        answer = list(await payment.handle(event, log, self.gateway))
+        if isinstance(log, MemoryHistory):
+            for out in answer:
+                log.record(out)
+        return answer
+
     async def created(self, token: str = "tok_visa") -> list[Event]:
-        items = [OrderItem("BOOK-42", 2, 1500), OrderItem("PEN-1", 1, 250)]
-        event = OrderCreated("o-1", "c-7", items, payment_token=token)
-        return list(await payment.handle(event, self.store, self.gateway))
+        return await self.handle(placed(token))
 
     async def unavailable(self) -> list[Event]:
-        event = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 0)])
-        return list(await payment.handle(event, self.store, self.gateway))
+        return await self.handle(UNAVAILABLE)
 
     def gateway_keys(self, prefix: str) -> list[str]:
         return [key for key in self.gateway_store.data if key.startswith(prefix)]
-
-    async def record(self) -> PaymentRecord:
-        found = await self.store.get(payment.payment_key("o-1"), PaymentRecord)
-        assert found is not None
-        return found.value
-
-
-TOTAL = 2 * 1500 + 250
 
 
 async def test_charges_the_total() -> None:
@@ -56,7 +66,6 @@ async def test_charges_the_total() -> None:
     assert event.order_id == "o-1"
     assert event.amount_cents == TOTAL
     assert event.charge_id.startswith("ch_")
-    assert (await p.record()).status == "charged"
 
 
 async def test_declined_card_fails_with_a_reason() -> None:
@@ -69,13 +78,12 @@ async def test_flaky_gateway_raises_then_charges_once() -> None:
     p = Payments()
     with pytest.raises(GatewayUnavailable):
         await p.created("tok_flaky")
-    assert (await p.record()).status == "charging"
     second = await p.created("tok_flaky")
     third = await p.created("tok_flaky")
     assert len(second) == 1
     assert isinstance(second[0], PaymentSucceeded)
     assert second[0].amount_cents == TOTAL
-    assert third == second  # same charge_id: the redelivery is answered from the record
+    assert third == second  # the gateway's idempotency key: its first answer again
     assert p.gateway_keys("charge.") == [f"charge.{payment.charge_key('o-1')}"]
 
 
@@ -90,39 +98,39 @@ async def test_stock_unavailable_refunds_a_charge_once() -> None:
     refund = await p.gateway_store.get(f"refund.{payment.refund_key('o-1')}", RefundRecord)
     assert refund is not None
     assert refund.value == RefundRecord(charged.charge_id, TOTAL)
-    # A redelivered orders.created still reports the (refunded) charge, and charges nothing new.
-    assert await p.created() == [charged]
-
-
-async def test_stock_unavailable_first_is_recorded_and_the_charge_refunds_it() -> None:
-    p = Payments()
-    assert await p.unavailable() == []  # recorded, not retried: nothing to refund yet
-    assert (await p.record()).refund_due
-    assert await p.unavailable() == []  # a redelivery records nothing new
-    assert p.gateway_keys("charge.") == []
-    # Deciding the charge refunds it at once and answers both: the same events
-    # as in the usual arrival order.
-    charged, refunded = await p.created()
-    assert isinstance(charged, PaymentSucceeded)
-    assert charged.amount_cents == TOTAL
-    assert refunded == PaymentRefunded("o-1", TOTAL, charge_id=charged.charge_id)
-    assert len(p.gateway_keys("refund.")) == 1
-    # Redeliveries of either input answer the same, and refund nothing twice.
-    assert await p.created() == [charged, refunded]
-    assert await p.unavailable() == [refunded]
+    # A redelivered orders.created charges nothing new and refunds nothing twice.
+    assert await p.created() == [charged, *expected]
     assert len(p.gateway_keys("refund.")) == 1
 
 
-async def test_stock_unavailable_during_an_unknown_charge_is_recorded_not_retried() -> None:
+async def test_every_schedule_of_charge_and_shortage_refunds_exactly_once() -> None:
+    # The charge's handler appends its decision before it reads for the
+    # shortage; the shortage is stored before its handler reads for the charge.
+    for token in ("tok_visa", "tok_declined"):
+        gateway = SimulatedGateway(MemoryStore())
+
+        async def handle(event: Event, history: History) -> list[Event]:
+            return list(await payment.handle(event, history, gateway))  # noqa: B023
+
+        played = await schedules(handle, [placed(token), UNAVAILABLE])
+        assert len(played) == 6
+        for run in played:
+            kinds = sorted(type(e).__name__ for e in run.reactions)
+            if token == "tok_visa":
+                assert kinds == ["PaymentRefunded", "PaymentSucceeded"], run.schedule
+            else:
+                assert kinds == ["PaymentFailed"], run.schedule
+
+
+async def test_a_shortage_before_an_unknown_charge_waits_for_nothing() -> None:
     # The gateway does not answer: the charge stays undecided (its message is
-    # retried, then dead-lettered), and the refund asked for meanwhile must not
-    # become a second message retried into a second dead letter.
+    # retried, then dead-lettered). The shortage must not become a second
+    # message retried into a second dead letter: it answers nothing, at once.
     p = Payments()
+    p.history.record(placed("tok_flaky"))
     with pytest.raises(GatewayUnavailable):
-        await p.created("tok_flaky")
+        await payment.handle(placed("tok_flaky"), p.history, p.gateway)
     assert await p.unavailable() == []
-    record = await p.record()
-    assert (record.status, record.refund_due) == ("charging", True)
     # The gateway answers (a redrive): charged and refunded, once each.
     charged, refunded = await p.created("tok_flaky")
     assert isinstance(charged, PaymentSucceeded)
@@ -131,18 +139,13 @@ async def test_stock_unavailable_during_an_unknown_charge_is_recorded_not_retrie
     assert len(p.gateway_keys("refund.")) == 1
 
 
-async def test_a_refund_due_on_a_declined_charge_gives_nothing_back() -> None:
-    p = Payments()
-    assert await p.unavailable() == []
-    [failed] = await p.created("tok_declined")
-    assert isinstance(failed, PaymentFailed)
-    assert await p.unavailable() == []
-    assert p.gateway_keys("refund.") == []
-
-
 async def test_stock_unavailable_after_a_decline_emits_nothing() -> None:
     p = Payments()
     await p.created("tok_declined")
     assert await p.unavailable() == []
     assert p.gateway_keys("refund.") == []
-    assert (await p.record()).status == "declined"
+
+
+async def test_payment_handles_nothing_else() -> None:
+    with pytest.raises(TypeError):
+        await Payments().handle(PaymentRefunded("o-1", 1, charge_id="x"))

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 
 from functions.errors import Permanent
 from functions.events import Event, PaymentSucceeded, event_id
+from functions.history import History
 from orderflow import config
 from orderflow.config import Topology
 from orderflow.deadletter import TIME
@@ -81,7 +82,7 @@ async def _publish_paid(nc: Client, *order_ids: str) -> None:
 async def test_permanent_failure_is_dead_lettered_at_once(
     provisioned: Client, topology: Topology
 ) -> None:
-    async def handler(event: Event) -> Sequence[Event]:
+    async def handler(event: Event, history: History) -> Sequence[Event]:
         raise Permanent("no warehouse serves this address")
 
     stop, task = await _run_worker(provisioned, topology, "delivery", handler)
@@ -108,7 +109,7 @@ async def test_a_slow_handler_keeps_its_message_and_stop_drains(
     started: list[str] = []
     finished: list[str] = []
 
-    async def slow(event: Event) -> Sequence[Event]:
+    async def slow(event: Event, history: History) -> Sequence[Event]:
         started.append(event.order_id)
         await asyncio.sleep(2.5)
         finished.append(event.order_id)

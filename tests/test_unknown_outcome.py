@@ -1,4 +1,4 @@
-"""Every handler under a cluster's two ways of not knowing: lost answers and lagging reads.
+"""Handlers with state in KV under a cluster's two ways of not knowing: lost answers, lagging reads.
 
 While a clustered stream changes leader, a compare-and-set can be applied and
 its answer lost (the request times out), and a direct get may be served by a
@@ -18,21 +18,20 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 import pytest
 
-from functions import delivery, order, payment, stock
+from functions import payment, stock
 from functions.errors import Retry
 from functions.events import (
-    DeliveryScheduled,
     Event,
     OrderCreated,
     OrderItem,
     PaymentFailed,
-    PaymentRefunded,
     PaymentSucceeded,
     Shortage,
     StockLine,
     StockReserved,
     StockUnavailable,
 )
+from functions.history import MemoryHistory
 from functions.payment import GatewayUnavailable
 from functions.state import MemoryStore, T, Versioned, Write
 from functions.stock import Level, level_key
@@ -76,19 +75,27 @@ class UncertainStore(MemoryStore):
         return {key: msgspec.json.decode(raw) for key, (raw, _) in self.data.items()}
 
 
-Handle = Callable[[Event, UncertainStore], Awaitable[Sequence[Event]]]
+Handle = Callable[[Event, UncertainStore, MemoryHistory], Awaitable[Sequence[Event]]]
 
 #: What the runner does with these: hand the message back, deliver it again.
 REDELIVERED = (TimeoutError, Retry, GatewayUnavailable)
 
 
-async def deliver(handle: Handle, store: UncertainStore, events: list[Event]) -> list[list[Event]]:
-    """Each event until its handler returns, as the worker's nak-and-redeliver does."""
+async def deliver(
+    handle: Handle, store: UncertainStore, events: list[Event], history: MemoryHistory | None = None
+) -> list[list[Event]]:
+    """Each event until its handler returns, as the worker's nak-and-redeliver does;
+    the inputs and answers stored in ``history`` as the log would."""
+    history = history or MemoryHistory()
     answers = []
     for event in events:
+        history.record(event)
         for _ in range(10):
             try:
-                answers.append(list(await handle(event, store)))
+                answer = list(await handle(event, store, history))
+                for out in answer:
+                    history.record(out)
+                answers.append(answer)
                 break
             except REDELIVERED:
                 continue
@@ -97,10 +104,17 @@ async def deliver(handle: Handle, store: UncertainStore, events: list[Event]) ->
     return answers
 
 
-def _payment(event: Event, store: UncertainStore) -> Awaitable[Sequence[Event]]:
-    # Its own records and the gateway's share the store (their keys differ),
-    # so every commit of both can lose its answer.
-    return payment.handle(event, store, SimulatedGateway(store))
+def _payment(
+    event: Event, store: UncertainStore, history: MemoryHistory
+) -> Awaitable[Sequence[Event]]:
+    # The gateway's memory is the store: every commit of it can lose its answer.
+    return payment.handle(event, history, SimulatedGateway(store))
+
+
+def _stock(
+    event: Event, store: UncertainStore, history: MemoryHistory
+) -> Awaitable[Sequence[Event]]:
+    return stock.handle(event, store)
 
 
 ITEMS = [OrderItem("BOOK-42", 2, 1500), OrderItem("MUG-7", 1, 899)]
@@ -116,25 +130,19 @@ PAID = PaymentSucceeded("o-1", 3899, charge_id="ch_1")
 DECLINED = PaymentFailed("o-1", 3899, reason="card_declined")
 RESERVED = StockReserved("o-1", LINES)
 UNAVAILABLE = StockUnavailable("o-1", SHORT)
-SCHEDULED = DeliveryScheduled("o-1", tracking_id=delivery.tracking_id("o-1"))
 
 SCENARIOS: dict[str, tuple[Handle, dict[str, int], list[Event]]] = {
     "payment charges": (_payment, {}, [created()]),
     "payment retries a flaky gateway": (_payment, {}, [created(FLAKY_TOKEN)]),
     "payment declines": (_payment, {}, [created("tok_declined")]),
     "payment refunds": (_payment, {}, [created(), UNAVAILABLE]),
-    "stock reserves": (stock.handle, {"BOOK-42": 5, "MUG-7": 3}, [created()]),
-    "stock is short": (stock.handle, {"BOOK-42": 5, "MUG-7": 0}, [created()]),
-    "stock releases": (stock.handle, {"BOOK-42": 5, "MUG-7": 3}, [created(), DECLINED]),
-    "delivery joins": (delivery.handle, {}, [PAID, RESERVED]),
-    "order completes": (order.handle, {}, [RESERVED, PAID, SCHEDULED]),
-    "order cancels": (order.handle, {}, [DECLINED, UNAVAILABLE]),
-    "order cancels after a refund": (
-        order.handle,
-        {},
-        [PAID, UNAVAILABLE, PaymentRefunded("o-1", 3899, charge_id="ch_1")],
-    ),
+    "stock reserves": (_stock, {"BOOK-42": 5, "MUG-7": 3}, [created()]),
+    "stock is short": (_stock, {"BOOK-42": 5, "MUG-7": 0}, [created()]),
+    "stock releases": (_stock, {"BOOK-42": 5, "MUG-7": 3}, [created(), DECLINED]),
 }
+# delivery and order keep no state but the order's history: a lost answer
+# there is a publish whose ack was lost, which the log settles (a repeat is
+# refused as stored already; tests/test_crash.py kills them at that moment).
 
 
 async def run(
@@ -171,11 +179,11 @@ async def test_a_read_lagging_behind_a_release_does_not_make_stock_short() -> No
     assert await store.commit(Write(level_key("MUG-7"), Level(1), 0))
     first = OrderCreated("o-1", "c-7", [OrderItem("MUG-7", 1, 899)], payment_token="tok_visa")
     second = OrderCreated("o-2", "c-8", [OrderItem("MUG-7", 1, 899)], payment_token="tok_visa")
-    await deliver(stock.handle, store, [first])
+    await deliver(_stock, store, [first])
     taken = store.data[level_key("MUG-7")]  # the shelf empty, as o-1 left it
-    await deliver(stock.handle, store, [PaymentFailed("o-1", 899, reason="card_declined")])
+    await deliver(_stock, store, [PaymentFailed("o-1", 899, reason="card_declined")])
     # The release is applied (the shelf holds 1 again); a replica that has not
     # applied it (nor the writes that settled it) yet still says 0.
     store._stale[level_key("MUG-7")] = taken
-    answers = await deliver(stock.handle, store, [second])
+    answers = await deliver(_stock, store, [second])
     assert answers == [[StockReserved("o-2", [StockLine("MUG-7", 1)])]]

@@ -1,0 +1,99 @@
+"""Where every event lives: the order id is a token of the subject, so the log is addressable.
+
+An event of kind ``payments.succeeded`` (its type, ``functions.events``) for
+order ``o-1`` is stored on ``order.o-1.payments.succeeded``. So the server's
+subject index answers "everything about order o-1" (``order.o-1.>``) and "the
+last ``stock.reserved`` of order o-1" without reading anything else, however
+long the history. Each order emits each kind at most once: a publish says
+``Nats-Expected-Last-Subject-Sequence: 0`` on its own subject, so the stream
+itself refuses a second one, for as long as it keeps the first (not just for a
+duplicate window).
+
+The one exception is ingress: a plain ``nats pub orders.created '{...}'``
+(no headers, the order id only in the payload) still starts an order, and so
+does ``order.<ID>.orders.created``, whose subject id must match the payload's.
+The orchestrator's alarms live in their own stream, under ``timer.<ID>.``, for
+the same reason.
+
+Every name the runtime builds from an order id is built here, nowhere else.
+"""
+
+from __future__ import annotations
+
+#: The payload-only ingress subject (``nats pub orders.created``).
+INGRESS = "orders.created"
+#: ``order.<ID>.<kind>``: an order's history.
+ORDER = "order"
+#: ``timer.<ID>.alarm``: an order's pending alarm (a scheduled message);
+#: ``timer.<ID>.saga.timeout``: the alarms that fired.
+TIMER = "timer"
+ALARM = "alarm"
+#: Kinds stored under ``timer.`` rather than ``order.``.
+TIMER_KINDS = frozenset({"saga.timeout"})
+#: The token standing for an order id that could not be read (ids never start with ``_``).
+NO_ORDER = "_"
+
+
+def subject(kind: str, order_id: str) -> str:
+    """The subject an event of ``kind`` for ``order_id`` is stored on."""
+    return f"{TIMER if kind in TIMER_KINDS else ORDER}.{order_id}.{kind}"
+
+
+def alarm(order_id: str) -> str:
+    """Where an order's one pending alarm waits: a newer alarm replaces the older."""
+    return f"{TIMER}.{order_id}.{ALARM}"
+
+
+def filters(kind: str) -> list[str]:
+    """The subject filters a consumer of ``kind`` uses: every order's, and ingress."""
+    wildcard = subject(kind, "*")
+    return [INGRESS, wildcard] if kind == INGRESS else [wildcard]
+
+
+def of_order(order_id: str, prefix: str = ORDER) -> str:
+    """Everything stored about ``order_id`` under ``prefix``: one filter, no scan."""
+    return f"{prefix}.{order_id}.>"
+
+
+def parse(subject: str) -> tuple[str | None, str]:
+    """``(order id, kind)`` of a stored subject; the id is ``None`` for payload-only ingress.
+
+    A subject outside the layout comes back as its own kind, with no id, and
+    decodes to nothing (``orderflow.decoding``).
+    """
+    if subject == INGRESS:
+        return None, INGRESS
+    head, _, rest = subject.partition(".")
+    if head in (ORDER, TIMER):
+        order_id, _, kind = rest.partition(".")
+        if order_id and kind:
+            return order_id, kind
+    return None, subject
+
+
+def kind_of(subject: str) -> str:
+    return parse(subject)[1]
+
+
+def dead_letter(prefix: str, order_id: str | None, function: str) -> str:
+    """``dlq.<ID>.<function>``: an order's dead letters, found by its id."""
+    return f"{prefix}.{order_id or NO_ORDER}.{function}"
+
+
+def retry_note(prefix: str, order_id: str, function: str) -> str:
+    """``retries.<ID>.<function>``: an order's failed attempts, found by its id."""
+    return f"{prefix}.{order_id}.{function}"
+
+
+def consumer_next(stream: str, durable: str) -> str:
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+
+def direct_get(stream: str) -> str:
+    """The direct get API of ``stream``; ``.<subject>`` appended asks for its last message."""
+    return f"$JS.API.DIRECT.GET.{stream}"
+
+
+def service(function: str) -> str:
+    """The NATS micro service name of a function (``$SRV.PING.<name>``)."""
+    return f"orderflow-{function}"
