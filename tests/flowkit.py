@@ -84,14 +84,14 @@ class BaseFlow:
         return await read_stream(self.nc, stream)
 
     async def by_order(self) -> dict[str, list[str]]:
-        """order id -> subjects of its events, in stream order."""
+        """order id -> kinds of its events, in stream order."""
         out: dict[str, list[str]] = defaultdict(list)
         for stored in await self.events():
             try:
                 order_id = msgspec.json.decode(stored.data, type=AnyOrderId).order_id
             except (msgspec.DecodeError, UnicodeDecodeError):
                 continue  # a malformed message some test published on purpose
-            out[order_id].append(stored.subject)
+            out[order_id].append(stored.kind)
         return out
 
     async def wait_finished(
@@ -141,9 +141,9 @@ class BaseFlow:
         completed = set()
         created: dict[str, OrderCreated] = {}
         for stored in await self.events():
-            if stored.subject == "orders.completed":
+            if stored.kind == "orders.completed":
                 completed.add(msgspec.json.decode(stored.data)["order_id"])
-            elif stored.subject == "orders.created":
+            elif stored.kind == "orders.created":
                 try:
                     o = msgspec.json.decode(stored.data, type=OrderCreated)
                 except (msgspec.DecodeError, UnicodeDecodeError):
@@ -216,10 +216,10 @@ async def assert_every_effect_once(
     assert terminal_counts(seen, ids) == dict.fromkeys(ids, 1)
     events = await flow.events()
     succeeded = {
-        msgspec.json.decode(s.data)["order_id"] for s in events if s.subject == "payments.succeeded"
+        msgspec.json.decode(s.data)["order_id"] for s in events if s.kind == "payments.succeeded"
     }
     decided = succeeded | {
-        msgspec.json.decode(s.data)["order_id"] for s in events if s.subject == "payments.failed"
+        msgspec.json.decode(s.data)["order_id"] for s in events if s.kind == "payments.failed"
     }
     for order_id in ids:
         subjects = seen[order_id]
@@ -242,7 +242,7 @@ async def assert_every_effect_once(
     refunded = [
         s
         for s in events
-        if s.subject == "payments.refunded" and msgspec.json.decode(s.data)["charge_id"]
+        if s.kind == "payments.refunded" and msgspec.json.decode(s.data)["charge_id"]
     ]
     assert len(await gateway_records(flow, "refund")) == len(refunded)
     await flow.assert_stock_conserved()
