@@ -56,10 +56,10 @@ async def test_invalid_order_is_rejected_with_the_field_path(start_flow: StartFl
         assert d.deliveries == 1 and d.data == bad and d.time
         assert "$.items[0].quantity" in d.reason and ">= 1" in d.reason
     # ...and the publisher is told why.
-    rejected = [s.event() for s in await flow.events() if s.subject == "orders.rejected"]
+    rejected = [s.event() for s in await flow.events() if s.kind == "orders.rejected"]
     assert rejected == [OrderRejected("o-bad-1", reason=by_function["payment"].reason)]
     # Nothing else happened for it.
-    assert not [s for s in await flow.events() if s.subject.startswith(("payments.", "stock."))]
+    assert not [s for s in await flow.events() if s.kind.startswith(("payments.", "stock."))]
 
 
 async def test_garbage_is_dead_lettered_without_a_rejection(start_flow: StartFlow) -> None:
@@ -67,7 +67,7 @@ async def test_garbage_is_dead_lettered_without_a_rejection(start_flow: StartFlo
     ack = await flow.nc.jetstream().publish("orders.created", b"\xff not json {")
     letters = await _letters_for(flow, ack.seq, 2)
     assert all("not valid JSON" in d.reason for d in letters)
-    assert not [s for s in await flow.events() if s.subject == "orders.rejected"]
+    assert not [s for s in await flow.events() if s.kind == "orders.rejected"]
 
 
 async def test_redrive_after_a_fix(

@@ -40,7 +40,7 @@ async def test_every_path_ends_once_with_the_right_compensations(start_flow: Sta
     # Both failed: nothing was taken, so nothing is given back.
     assert both == {"orders.created", "payments.failed", "stock.unavailable", "orders.cancelled"}
 
-    events = {f"{s.subject}:{s.event().order_id}": s.event() for s in await flow.events()}
+    events = {f"{s.kind}:{s.event().order_id}": s.event() for s in await flow.events()}
     charged = events["payments.succeeded:e2e-oos"]
     assert isinstance(charged, PaymentSucceeded)
     assert events["payments.refunded:e2e-oos"] == PaymentRefunded(

@@ -315,7 +315,7 @@ async def _by_order(flow: Flow, skip: set[int]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = defaultdict(list)
     for stored in await flow.events():
         if stored.sequence not in skip:
-            out[msgspec.json.decode(stored.data, type=AnyOrderId).order_id].append(stored.subject)
+            out[msgspec.json.decode(stored.data, type=AnyOrderId).order_id].append(stored.kind)
     return out
 
 
@@ -463,7 +463,7 @@ async def test_malformed_payloads_are_dead_lettered_and_good_orders_still_comple
 
     # Each invalid order with a readable id is answered once on orders.rejected.
     prefix = f"orders.rejected:{STREAM}:"
-    rejections = [e for e in events if e.subject == "orders.rejected"]
+    rejections = [e for e in events if e.kind == "orders.rejected"]
     by_msg_id = Counter(e.headers.get("Nats-Msg-Id", "") for e in rejections)
     assert by_msg_id == Counter(f"{prefix}{seq}" for seq in rejected_ids), (
         f"missing: {sorted(Counter(f'{prefix}{s}' for s in rejected_ids) - by_msg_id)[:5]}, "

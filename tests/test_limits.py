@@ -132,7 +132,7 @@ async def test_orders_over_the_limits_are_dead_lettered_and_rejected(
         assert all(d.deliveries == 1 for d in letters)  # at once, no retries
     seen = await flow.wait_finished(["lim-ok"])
     assert "orders.completed" in seen["lim-ok"]
-    rejected = [s.event() for s in await flow.events() if s.subject == "orders.rejected"]
+    rejected = [s.event() for s in await flow.events() if s.kind == "orders.rejected"]
     assert sorted(rejected, key=lambda r: r.order_id) == sorted(
         (OrderRejected(oid, f"orders.created over limits: {r}") for oid, (_, r) in over.items()),
         key=lambda r: r.order_id,

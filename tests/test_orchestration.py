@@ -186,14 +186,14 @@ async def test_a_silent_step_is_retried_then_compensated(
     assert subjects.count("saga.stock.reserve") == 2  # attempt 1, then attempt 2
     assert {"stock.reserved", "stock.released", "payments.refunded"} <= set(subjects)
     assert subjects[-1] == "orders.cancelled"
-    cancelled = [s for s in await flow.events() if s.subject == "orders.cancelled"]
+    cancelled = [s for s in await flow.events() if s.kind == "orders.cancelled"]
     reason = msgspec.json.decode(cancelled[0].data)["reason"]
     assert reason == "stock did not answer 2 attempts of 1000 ms"
     await flow.assert_stock_conserved()
     # The saga is over: no alarm is left to fire (the withdrawal itself
     # expires after 1 s); what remains are the alarms that did fire.
     await asyncio.sleep(1.5)
-    left = {s.subject for s in await read_stream(provisioned, "TIMERS")}
+    left = {s.kind for s in await read_stream(provisioned, "TIMERS")}
     assert left == {"saga.timeout"}
 
 

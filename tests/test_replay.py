@@ -101,3 +101,20 @@ async def test_a_choreography_recording_ends_the_same_way_orchestrated() -> None
         o: ends(lines) for o, lines in recorded.items()
     }
     assert any("saga.payment.charge" in "".join(lines) for lines in replayed.values())
+
+
+def test_a_recording_of_the_old_layout_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    # Made before every event was filed under its order: payments.succeeded
+    # and the like, no format line.
+    legacy = ROOT / "tests" / "recordings" / "legacy" / "happy_v1.jsonl"
+    with pytest.raises(recording.RecordingError) as raised:
+        recording.read(legacy)
+    message = str(raised.value)
+    assert "no format line" in message and "format 2" in message
+    assert "runner.py record" in message
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "runner.py"), "replay", str(legacy), "--offline"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "no format line" in out.stderr and "Traceback" not in out.stderr

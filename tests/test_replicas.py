@@ -30,6 +30,6 @@ async def test_two_replicas_of_stock_and_delivery(start_flow: StartFlow) -> None
     tracking = [
         msgspec.json.decode(s.data)["tracking_id"]
         for s in await flow.events()
-        if s.subject == "delivery.scheduled"
+        if s.kind == "delivery.scheduled"
     ]
     assert len(tracking) == len(set(tracking)) == len(completed)

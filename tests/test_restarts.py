@@ -25,7 +25,7 @@ async def _publish_mix(flow: Flow, run: str) -> list[str]:
 async def _wait_some_finished(flow: Flow, at_least: int) -> int:
     """Block until ``at_least`` orders are finished, so the fault lands mid-flow."""
     for _ in range(400):
-        done = sum(1 for s in await flow.events() if s.subject in TERMINAL_SUBJECTS)
+        done = sum(1 for s in await flow.events() if s.kind in TERMINAL_SUBJECTS)
         if done >= at_least:
             return done
         await asyncio.sleep(0.05)

@@ -112,7 +112,7 @@ async def test_trace_of_a_finished_order_shows_causes_hops_and_retries(
     assert out.returncode == 0, out.stderr
     trace = json.loads(out.stdout)
     assert trace["outcome"] == "completed" and trace["waiting_for"] == []
-    steps = {s["subject"]: s for s in trace["steps"]}
+    steps = {s["kind"]: s for s in trace["steps"]}
     assert steps["orders.created"]["by"] == "client"
     assert (steps["payments.succeeded"]["by"], steps["payments.succeeded"]["caused_by"]) == (
         "payment", "orders.created")  # fmt: skip
