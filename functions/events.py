@@ -89,10 +89,13 @@ class OrderCancelled(Event, tag="orders.cancelled", frozen=True):
 class OrderRejected(Event, tag="orders.rejected", frozen=True):
     """An ``orders.created`` that could not be accepted (invalid), with the reason.
 
-    Emitted whenever the order id can be read; the message itself goes to the
-    dead letters, where it can be fixed and redriven.
+    Emitted whenever the order id can be read as a string, even one that is
+    not a valid order id (that may be the reason): filed under the order when
+    its id is subject-safe, under ``order._`` otherwise. The message itself
+    goes to the dead letters, where it can be fixed and redriven.
     """
 
+    order_id: Annotated[str, Meta(max_length=200)]  # as the publisher sent it
     reason: Reason
 
 

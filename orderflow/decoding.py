@@ -7,8 +7,10 @@ through exactly the validation the live system applies.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from functions.events import EVENT_TYPES, AnyOrderId, Event
 from orderflow import limits as limits_mod
@@ -54,6 +56,21 @@ def decode(
     if limits is not None and (over := limits_mod.check(event, limits)) is not None:
         return Invalid(f"{kind} over limits: {over}")
     return event
+
+
+class _AnyId(msgspec.Struct):
+    order_id: Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+_any_id = msgspec.json.Decoder(_AnyId)
+
+
+def claimed_order_id(data: bytes) -> str | None:
+    """The ``order_id`` a message claims, valid or not (for telling its publisher why not)."""
+    try:
+        return _any_id.decode(data).order_id
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
 
 
 def readable_order_id(data: bytes) -> str | None:

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from functions.errors import Permanent
 from functions.events import EVENT_TYPES, Event, subject_of
-from orderflow import election, subjects
+from orderflow import direct, election, subjects
 from orderflow.emit import Emitter
 
 E = TypeVar("E", bound=Event)
@@ -78,22 +78,17 @@ class OrderLog:
         """The payload of the last message on ``subject``, or ``None``."""
         if self.leader_only:
             body = _encode({"last_by_subj": subject})
-            msg = await election.request(self.nc, self._leader, body, self.timeout)
-            reply = _decode_reply(msg.data)
-            if reply.error is not None:
-                if reply.error.code == 404:
+            answer = await election.request(self.nc, self._leader, body, self.timeout)
+            got = _decode_reply(answer.data)
+            if got.error is not None:
+                if got.error.code == 404:
                     return None
-                raise HistoryError(f"{self.stream}: reading {subject}: {reply.error.description}")
-            assert reply.message is not None
-            return base64.b64decode(reply.message.data)
-        msg = await election.request(self.nc, self._direct + subject, b"", self.timeout)
-        headers = msg.headers or {}
-        if not msg.data and "Status" in headers:
-            if headers["Status"] == "404":
-                return None
-            raise HistoryError(f"{self.stream}: reading {subject}: {headers['Status']} "
-                               f"{headers.get('Description', '')}")  # fmt: skip
-        return msg.data
+                raise HistoryError(f"{self.stream}: reading {subject}: {got.error.description}")
+            assert got.message is not None
+            return base64.b64decode(got.message.data)
+        reply = await election.request(self.nc, self._direct + subject, b"", self.timeout)
+        msg = direct.found(reply, f"{self.stream}: reading {subject}")
+        return None if msg is None else msg.data
 
 
 class MessageHistory:

@@ -52,7 +52,7 @@ from orderflow import subjects
 from orderflow.bindings import build_handler
 from orderflow.config import FunctionSpec, Topology, load_inventory
 from orderflow.context import FUNCTION
-from orderflow.decoding import Invalid, decode, readable_order_id
+from orderflow.decoding import Invalid, claimed_order_id, decode
 from orderflow.emit import check_emits
 from orderflow.provision import provision, seed_levels
 from orderflow.recording import Recorded
@@ -220,7 +220,7 @@ async def run_offline(
             kind = subjects.kind_of(subject)
             event = decode(subject, data, max_payload, topology.limits)
             if isinstance(event, Invalid):
-                order_id = readable_order_id(data)
+                order_id = subjects.parse(subject)[0] or claimed_order_id(data)
                 rejects = kind in topology.functions[name].reject_invalid
                 if rejects and event.rejectable and order_id is not None:
                     rejection = OrderRejected(order_id, reason=event.reason[:500])

@@ -20,6 +20,8 @@ Every name the runtime builds from an order id is built here, nowhere else.
 
 from __future__ import annotations
 
+import re
+
 #: The payload-only ingress subject (``nats pub orders.created``).
 INGRESS = "orders.created"
 #: ``order.<ID>.<kind>``: an order's history.
@@ -34,9 +36,19 @@ TIMER_KINDS = frozenset({"saga.timeout"})
 NO_ORDER = "_"
 
 
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def safe(order_id: str) -> bool:
+    """Whether ``order_id`` can be a subject token (the contract's OrderId pattern)."""
+    return len(order_id) <= 64 and _SAFE.match(order_id) is not None
+
+
 def subject(kind: str, order_id: str) -> str:
-    """The subject an event of ``kind`` for ``order_id`` is stored on."""
-    return f"{TIMER if kind in TIMER_KINDS else ORDER}.{order_id}.{kind}"
+    """The subject an event of ``kind`` for ``order_id`` is stored on (``order._`` for an
+    id that cannot be a token: only a rejection of it is ever stored)."""
+    token = order_id if order_id == "*" or safe(order_id) else NO_ORDER
+    return f"{TIMER if kind in TIMER_KINDS else ORDER}.{token}.{kind}"
 
 
 def alarm(order_id: str) -> str:

@@ -43,7 +43,7 @@ from orderflow import subjects
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, input_event_id
 from orderflow.deadletter import DeadLetters
-from orderflow.decoding import Invalid, decode, readable_order_id
+from orderflow.decoding import Invalid, claimed_order_id, decode
 from orderflow.emit import Emitter
 from orderflow.failpoints import crash_point
 from orderflow.history import MessageHistory, OrderLog
@@ -208,7 +208,7 @@ class Worker:
     async def _reject(self, msg: Msg, reason: str) -> None:
         """Dead-letter an input that can never be handled; tell its publisher when we can."""
         if subjects.kind_of(msg.subject) in self.spec.reject_invalid:
-            order_id = readable_order_id(msg.data)
+            order_id = subjects.parse(msg.subject)[0] or claimed_order_id(msg.data)
             if order_id is not None:
                 meta = msg.metadata
                 rejection = OrderRejected(order_id, reason=reason[:500])

@@ -33,6 +33,7 @@ from orderflow.demo import payload
 from orderflow.provision import provision
 from orderflow.server import EmbeddedServer, free_port
 from orderflow.streamlog import read_stream
+from orderflow.subjects import kind_of
 from tests.conftest import ROOT
 from tests.flowkit import Flow, order
 
@@ -111,30 +112,35 @@ def test_permissions_follow_the_topology(topology: Topology) -> None:
         "$JS.API.CONSUMER.INFO.ORDERS.payment",
         "$JS.API.CONSUMER.MSG.NEXT.ORDERS.payment",
         "$JS.ACK.ORDERS.payment.>",
-        "$KV.payments.>",
-        "$JS.API.DIRECT.GET.KV_payments.$KV.payments.>",
         "$KV.gateway.>",
         "$JS.API.DIRECT.GET.KV_gateway.$KV.gateway.>",
-        "payments.succeeded",
-        "payments.failed",
-        "payments.refunded",
-        "orders.rejected",  # payment answers invalid orders
-        "dlq.payment",
-        "retries.payment",
+        # The refund's join, read from the orders' histories: from any replica
+        # by subject, or (a cluster) from the stream's leader.
+        "$JS.API.DIRECT.GET.ORDERS.order.*.payments.succeeded",
+        "$JS.API.DIRECT.GET.ORDERS.order.*.stock.unavailable",
+        "$JS.API.STREAM.MSG.GET.ORDERS",
+        "order.*.payments.succeeded",
+        "order.*.payments.failed",
+        "order.*.payments.refunded",
+        "order.*.orders.rejected",  # payment answers invalid orders
+        "dlq.*.payment",
+        "retries.*.payment",
     )
     assert users["payment"].subscribe[0] == "_INBOX_payment.>"
     # The client publishes what no function emits, and reads what no function consumes.
-    assert users["client"].publish == ("orders.created",)
+    assert users["client"].publish == ("orders.created", "order.*.orders.created")
     assert set(users["client"].subscribe) == {
-        "orders.completed",
-        "orders.cancelled",
-        "orders.rejected",
+        "order.*.orders.completed",
+        "order.*.orders.cancelled",
+        "order.*.orders.rejected",
         "_INBOX_client.>",
     }
     for name in topology.functions:
         allowed = users[name].publish
-        assert "orders.created" not in allowed
-        assert not [s for s in allowed if ".CREATE." in s or ".STREAM." in s or s == ">"]
+        assert "orders.created" not in allowed and "order.*.orders.created" not in allowed
+        # Reading one message of the orders' stream, never managing a stream.
+        managing = [s for s in allowed if ".STREAM." in s and ".STREAM.MSG.GET." not in s]
+        assert not [s for s in allowed if ".CREATE." in s or s == ">"] and not managing
     # A function named like a built-in user would share its credentials: refused.
     clash = msgspec.structs.replace(
         topology, functions={**topology.functions, "client": topology.functions["order"]}
@@ -174,9 +180,9 @@ async def test_payment_may_not_emit_delivery_nor_pull_from_stock(secure: Secure)
     js = nc.jetstream(timeout=0.5)
 
     with pytest.raises(nats.errors.TimeoutError):  # no ack: the server dropped it
-        await js.publish("delivery.scheduled", b'{"order_id":"au-1","tracking_id":"x"}')
+        await js.publish("order.au-1.delivery.scheduled", b'{"order_id":"au-1","tracking_id":"x"}')
     await _until(lambda: errors, "the violation")
-    assert errors == ['nats: permissions violation for publish to "delivery.scheduled"']
+    assert errors == ['nats: permissions violation for publish to "order.au-1.delivery.scheduled"']
 
     stock = await js.pull_subscribe_bind(durable="stock", stream="ORDERS")
     with pytest.raises(nats.errors.TimeoutError):
@@ -191,16 +197,17 @@ async def test_payment_may_not_emit_delivery_nor_pull_from_stock(secure: Secure)
     [msg] = await own.fetch(1, timeout=2)
     assert msg.subject == "orders.created"
     await msg.nak()
-    ack = await js.publish("payments.failed", b'{"order_id":"au-1","amount_cents":1,"reason":"t"}')
+    body = b'{"order_id":"au-1","amount_cents":1,"reason":"t"}'
+    ack = await js.publish("order.au-1.payments.failed", body)
     assert ack.stream == "ORDERS"
 
     # The server's side: stock's message was never delivered, nothing of delivery's is stored.
     info = await secure.admin.jetstream().consumer_info("ORDERS", "stock")
     assert (info.num_pending, info.num_ack_pending, info.delivered.stream_seq) == (2, 0, 0)
     subjects = [s.subject for s in await read_stream(secure.admin, "ORDERS")]
-    assert subjects == ["orders.created", "payments.failed"]
-    assert any('user:payment" - Publish Violation - Subject "delivery.scheduled"' in line
-               for line in secure.violations())  # fmt: skip
+    assert subjects == ["orders.created", "order.au-1.payments.failed"]
+    assert any('user:payment" - Publish Violation - Subject "order.au-1.delivery.scheduled"'
+               in line for line in secure.violations())  # fmt: skip
 
 
 async def test_client_may_only_publish_orders_created(secure: Secure, topology: Topology) -> None:
@@ -209,17 +216,19 @@ async def test_client_may_only_publish_orders_created(secure: Secure, topology: 
     assert (ack.stream, ack.seq) == ("ORDERS", 1)
 
     forbidden = sorted(
-        {s for fn in topology.functions.values() for s in fn.emits}
+        {f"order.au-2.{k}" for fn in topology.functions.values() for k in fn.emits}
         | {
-            "dlq.payment",
-            "retries.stock",
-            "$KV.orders.order.au-2",
+            "dlq.au-2.payment",
+            "retries.au-2.stock",
+            "$KV.gateway.charge.charge-au-2",
             "$KV.stock.level.BOOK-42",
             "$JS.API.STREAM.INFO.ORDERS",
             "$JS.API.STREAM.PURGE.ORDERS",
             "$JS.API.CONSUMER.CREATE.ORDERS.spy",
             "$JS.API.CONSUMER.MSG.NEXT.ORDERS.order",
-            "$JS.API.DIRECT.GET.KV_orders.$KV.orders.order.au-2",
+            "$JS.API.DIRECT.GET.KV_stock.$KV.stock.level.BOOK-42",
+            "$JS.API.DIRECT.GET.ORDERS.order.au-2.payments.succeeded",
+            "$JS.API.STREAM.MSG.GET.ORDERS",
             "$JS.ACK.ORDERS.order.1.1.1.1.0",
         }
     )
@@ -231,11 +240,11 @@ async def test_client_may_only_publish_orders_created(secure: Secure, topology: 
     assert refused == {s.lower() for s in forbidden}
 
     # Reading the outcomes is allowed; reading the rest of the flow is not.
-    await nc.subscribe("orders.completed")
-    await nc.subscribe("payments.>")
+    await nc.subscribe("order.*.orders.completed")
+    await nc.subscribe("order.>")
     await nc.flush()
     await _until(lambda: len(errors) > len(forbidden), "the subscription violation")
-    assert errors[-1] == 'nats: permissions violation for subscription to "payments.>"'
+    assert errors[-1] == 'nats: permissions violation for subscription to "order.>"'
     assert [s.subject for s in await read_stream(secure.admin, "ORDERS")] == ["orders.created"]
     # The server's max_payload comes from limits.
     assert nc.max_payload == topology.limits.server_max_payload()
@@ -243,7 +252,7 @@ async def test_client_may_only_publish_orders_created(secure: Secure, topology: 
 
 async def test_in_progress_then_ack_needs_the_ack_subjects(secure: Secure) -> None:
     """allow_responses alone allows one answer per message: a slow handler's ack needs more."""
-    await secure.admin.jetstream().publish("payments.succeeded", b"{}")
+    await secure.admin.jetstream().publish("order.au-3.payments.succeeded", b"{}")
     nc, errors = await secure.connect_as("delivery")
     sub = await nc.jetstream().pull_subscribe_bind(durable="delivery", stream="ORDERS")
     [msg] = await sub.fetch(1, timeout=2)
@@ -280,7 +289,7 @@ async def test_the_flow_completes_under_least_privilege(secure: Secure, topology
 
         # The client reads every order's outcome.
         await _until(lambda: len(outcomes) == 5, "five outcomes", timeout=30)
-        by_order = {msgspec.json.decode(m.data)["order_id"]: m.subject for m in outcomes}
+        by_order = {msgspec.json.decode(m.data)["order_id"]: kind_of(m.subject) for m in outcomes}
         assert by_order == {
             "sec-happy": "orders.completed",
             "sec-declined": "orders.cancelled",
@@ -295,7 +304,7 @@ async def test_the_flow_completes_under_least_privilege(secure: Secure, topology
         assert {d.function for d in await flow.dead_letters()} == {"payment", "stock"}
         # The flaky card's retry was noted (and sec-oos's, when stock was quicker than payment).
         notes = await flow.read("RETRIES")
-        assert {n.subject for n in notes} == {"retries.payment"}
+        assert {n.subject.split(".")[2] for n in notes} == {"payment"}  # retries.<ID>.payment
         assert "sec-flaky" in {msgspec.json.decode(n.data)["order_id"] for n in notes}
         # Every function answers its micro service requests through its permissions.
         current = await status.collect(secure.admin, topology)

@@ -66,11 +66,17 @@ def test_consumer_naming_a_missing_stream(tmp_path: Path) -> None:
     assert "'ORDRES'" in message
 
 
-def test_filter_subject_not_stored_by_the_stream(tmp_path: Path) -> None:
-    message = load_error(variant(tmp_path, ', "delivery.>"', ""))
-    assert "functions.order.consumers[0].events" in message
-    assert "'delivery.scheduled'" in message
+def test_an_event_kind_not_stored_by_the_stream(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, ', "order.>"]', "]"))
+    assert "functions.payment.consumers[0].events" in message
+    assert "'orders.created' is stored on order.*.orders.created" in message
     assert "ORDERS" in message
+
+
+def test_a_misspelt_event_kind_names_its_key(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, "reads: [payments.succeeded, stock.reserved]",
+                                 "reads: [payments.succeeded, stock.reserve]"))  # fmt: skip
+    assert "functions.delivery.reads: 'stock.reserve' is not an event kind" in message
 
 
 def test_missing_file() -> None:
