@@ -1,7 +1,7 @@
 """Logging for people and for log shippers: the same records, as text or as JSON lines.
 
 Every record about a message carries its context as structured fields
-(``function``, ``subject``, ``order_id``, ``event_id``): in text they are
+(``function``, ``subject``, its ``kind``, ``order_id``, ``event_id``): in text they are
 part of the message, in JSON (``--log-format json``) they are keys of their
 own, so a shipper can index and filter on them.
 """
@@ -13,11 +13,13 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from orderflow.subjects import kind_of
+
 
 def fields(function: str, subject: str, order_id: str | None, event_id: str) -> dict[str, object]:
     """``extra=`` for a log call about one message."""
-    return {"fields": {"function": function, "subject": subject, "order_id": order_id,
-                       "event_id": event_id}}  # fmt: skip
+    return {"fields": {"function": function, "subject": subject, "kind": kind_of(subject),
+                       "order_id": order_id, "event_id": event_id}}  # fmt: skip
 
 
 class JsonFormatter(logging.Formatter):

@@ -48,9 +48,7 @@ async def serve(
         for line in report.lines:
             log.info("%s: %s", function, line)
         handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
-        # A replicated stream's followers may lag: joins read from its leader.
-        events = await nc.jetstream().stream_info(topology.events_stream)
-        leader_reads = (events.config.num_replicas or 1) > 1
+        leader_reads = await _replicated(nc, topology, function)
         worker = Worker(nc, topology, function, handler, leader_reads=leader_reads)
         service = await register(nc, function, worker.counters)
         log.info("%s: consuming (pid %d, service %s)", function, os.getpid(), service.id)
@@ -63,6 +61,18 @@ async def serve(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(), 2.0)
         await nc.close()
+
+
+async def _replicated(nc: Client, topology: Topology, function: str) -> bool:
+    """Whether the orders' stream has followers, which may lag: then joins read from its
+    leader. Asked of the function's own consumer (its permissions allow that, not the
+    stream's info): a consumer's peers are its stream's."""
+    events = topology.events_stream
+    for spec in topology.functions[function].consumers:
+        if spec.stream == events:
+            info = await nc.jetstream().consumer_info(spec.stream, spec.durable)
+            return bool(info.cluster and info.cluster.replicas)
+    return True  # not fed from it: reads are rare, the leader is always right
 
 
 async def _reconcile(

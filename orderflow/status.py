@@ -17,6 +17,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from orderflow import subjects
 from orderflow.config import Topology
 from orderflow.kv import stream_name
 
@@ -64,9 +65,10 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
             row["unacked"] += info.num_ack_pending or 0
             row["redelivered"] += info.num_redelivered or 0
         dlq = topology.dead_letters
-        subject = f"{dlq.subject_prefix}.{name}"
+        # Filed under the order (dlq.<ID>.<function>): the subject index counts them.
+        subject = subjects.dead_letter(dlq.subject_prefix, "*", name)
         info = await _unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
-        row["dead_letters"] = None if info is None else (info.state.subjects or {}).get(subject, 0)
+        row["dead_letters"] = None if info is None else sum((info.state.subjects or {}).values())
         functions[name] = row
     streams = {}
     names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]

@@ -92,15 +92,15 @@ async def test_replicas_come_from_streams_yaml(
     # Set: reconciled, both ways, and reported as drift.
     cfg = variant_config(
         ("  - name: RETRIES\n", "  - name: RETRIES\n    replicas: 1\n"),
-        ("  - name: orders      # order.<ID>", "  - name: orders\n    replicas: 1"),
+        ("  - name: sagas       # saga.<ID>", "  - name: sagas\n    replicas: 1\n    #"),
     )
     report = await provision(cluster_nc, load_config(cfg), cfg.parent)
     changed = [line for line in report.lines if "updated" in line]
     assert changed == [
         "stream RETRIES: updated (num_replicas: 3 -> 1)",
-        "stream KV_orders: updated (num_replicas: 3 -> 1)",
+        "stream KV_sagas: updated (num_replicas: 3 -> 1)",
     ]
-    assert (await js.stream_info("KV_orders")).config.num_replicas == 1
+    assert (await js.stream_info("KV_sagas")).config.num_replicas == 1
     cfg = variant_config(("  - name: RETRIES\n", "  - name: RETRIES\n    replicas: 3\n"))
     report = await provision(cluster_nc, load_config(cfg), cfg.parent)
     assert "stream RETRIES: updated (num_replicas: 1 -> 3)" in report.lines
@@ -114,8 +114,8 @@ async def test_replicas_come_from_streams_yaml(
 async def test_replicas_on_a_single_server_name_the_key(
     nc: Client, variant_config: Callable[..., Path]
 ) -> None:
-    payments = "  - name: payments    # payment.<ID>"
-    cfg = variant_config((payments, "  - name: payments\n    replicas: 3"))
+    gateway = "  - name: gateway     # the simulated"
+    cfg = variant_config((gateway, "  - name: gateway\n    replicas: 3\n    # the simulated"))
     with pytest.raises(ConfigError, match=r"^buckets\[1\]\.replicas: .*non-clustered"):
         await provision(nc, load_config(cfg), cfg.parent)
 

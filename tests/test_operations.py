@@ -81,9 +81,10 @@ async def test_json_logs_carry_function_subject_order_and_event_ids(start_flow: 
     assert proc.returncode == 0
     lines = [json.loads(line) for line in err.decode().splitlines()]
     handled = [r for r in lines if r.get("order_id") == "op-log" and r["level"] == "debug"]
-    by_subject = {r["subject"]: r for r in handled}
-    assert set(by_subject) == {"delivery.scheduled"}  # the only outcome order reads of a happy one
-    scheduled = by_subject["delivery.scheduled"]
+    by_kind = {r["kind"]: r for r in handled}
+    assert set(by_kind) == {"delivery.scheduled"}  # the only outcome order reads of a happy one
+    scheduled = by_kind["delivery.scheduled"]
+    assert scheduled["subject"] == "order.op-log.delivery.scheduled"
     assert scheduled["function"] == "order"
     assert scheduled["event_id"] == "delivery.scheduled:op-log"
     assert "orders.completed" in scheduled["message"]
