@@ -209,8 +209,32 @@ async def order_messages(nc: Client, topology: Topology, order_id: str) -> list[
         stored = await read_at(nc, stream, sequence)
         if stored is not None and _order_of(stored) == order_id:
             found.append(stored)
+    if not any(s.kind == subjects.INGRESS for s in found):
+        # Nothing has reacted to it yet (its readers are down or behind): a
+        # payload-only orders.created is then still past their ack floors.
+        found += [
+            s for s in await _unsettled(nc, topology, subjects.INGRESS) if _order_of(s) == order_id
+        ][:1]
     found.sort(key=lambda stored: stored.time)
     return found
+
+
+async def _unsettled(nc: Client, topology: Topology, kind: str | None = None) -> list[Stored]:
+    """Every message some consumer has not settled yet (past its ack floor), of ``kind``
+    or of any kind it reads; each consumer's share is one filtered read per kind."""
+    js = nc.jetstream()
+    found: dict[tuple[str, int], Stored] = {}
+    for fn in topology.functions.values():
+        for consumer in fn.consumers:
+            kinds = sorted(k for k in consumer.events if kind is None or k == kind)
+            if not kinds:
+                continue
+            info = await js.consumer_info(consumer.stream, consumer.durable)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            for pattern in (p for k in kinds for p in subjects.filters(k)):
+                for stored in await read_subject(nc, consumer.stream, pattern, floor + 1):
+                    found[(consumer.stream, stored.sequence)] = stored
+    return list(found.values())
 
 
 def _position(event_id: str, stream: str) -> int | None:
@@ -289,17 +313,7 @@ async def in_flight(nc: Client, topology: Topology) -> set[str]:
     unfinished orders (and the consumers' windows) cost, however long the
     history behind them.
     """
-    js = nc.jetstream()
-    found: set[str] = set()
-    for fn in topology.functions.values():
-        for consumer in fn.consumers:
-            info = await js.consumer_info(consumer.stream, consumer.durable)
-            floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            for kind in sorted({k for k in consumer.events}):
-                for pattern in subjects.filters(kind):
-                    for stored in await read_subject(nc, consumer.stream, pattern, floor + 1):
-                        if (order_id := order_of(stored.subject, stored.data)) is not None:
-                            found.add(order_id)
+    found = {o for s in await _unsettled(nc, topology) if (o := order_of(s.subject, s.data))}
     letters = topology.dead_letters
     for stored in await read_subject(nc, letters.stream, f"{letters.subject_prefix}.>"):
         head = stored.subject.split(".")  # dlq.<ID>.<function>

@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import pytest
+from nats.aio.client import Client
 
 from orderflow.config import Topology
-from orderflow.trace import load, mermaid_map, waiting_on
+from orderflow.demo import payload
+from orderflow.trace import load, mermaid_map, stuck, waiting_on
 from tests.conftest import ROOT, StartFlow
 from tests.flowkit import Flow, order
 
@@ -142,3 +145,21 @@ def test_map_draws_the_topology(topology: Topology) -> None:
                 assert f"{subject.replace('.', '_')} --> {name}" in chart
         for subject in fn.emits:
             assert f"{name} --> {subject.replace('.', '_')}" in chart
+
+
+async def test_an_order_nothing_has_reacted_to_is_traced_and_stuck(
+    provisioned: Client, topology: Topology
+) -> None:
+    # No function runs: the payload-only orders.created is all there is, and
+    # it is not under the order's subjects. Trace and stuck find it where it
+    # waits, past its readers' ack floors.
+    await provisioned.publish("orders.created", payload(order("tr-alone")))
+    await provisioned.publish("orders.created", payload(order("tr-other")))
+    await provisioned.flush()
+    traces = await load(provisioned, topology, {"tr-alone"})
+    [step] = traces["tr-alone"].steps
+    assert step.kind == "orders.created" and step.by == "client"
+    owed = {(o.function, o.consumer.get("instances")) for o in traces["tr-alone"].owed}
+    assert owed == {("payment", 0), ("stock", 0)}
+    late = await stuck(provisioned, topology, 0.0, datetime.now(UTC))
+    assert [t.order_id for t in late] == ["tr-alone", "tr-other"]
