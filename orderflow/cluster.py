@@ -299,12 +299,14 @@ class EmbeddedCluster:
             os.kill(node.process.pid, signal.SIGKILL)
             node.process.wait()
 
-    def restart(self, node: Node, timeout: float = 30.0) -> None:
-        """Start a stopped or killed node again on its ports and store; return once caught up."""
+    def restart(self, node: Node, timeout: float = 30.0, wait: bool = True) -> None:
+        """Start a stopped or killed node again on its ports and store; return once caught
+        up (``wait``), or at once (a test catching the node while it rejoins)."""
         self.kill(node)
         self._spawn(node)
-        wait_for_port(node.port, timeout=10.0)
-        self.wait_ready(timeout=timeout)
+        if wait:
+            wait_for_port(node.port, timeout=10.0)
+            self.wait_ready(timeout=timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every node at once (one by one, the last ones would hold elections)."""
