@@ -12,10 +12,14 @@ again on the same ports and store, which is how the tests take a stream's
 leader away. Readiness comes from the servers' monitoring port: a node is
 ready once ``/healthz`` is happy (it knows the JetStream meta leader, its
 streams and consumers have caught up) and ``/jsz`` shows a leader for every
-stream and consumer it holds; the cluster is ready once, in addition, the meta
-leader's own ``/jsz`` counts every running node as a current peer (a node's
-``/healthz`` only speaks for that node). Even then the leader may not place
-replicas on a peer for a moment (see ``orderflow.provision``).
+stream and consumer it holds; the cluster is ready once, in addition, every
+node has its whole pool of routes to every other (``/routez`` against the
+``pool_size`` of ``/varz``: until a pool fills, the messages of the accounts
+it carries are dropped between those two nodes, JetStream's answers to clients
+included, while the meta group talks over the system account's own route), and
+the meta leader's own ``/jsz`` counts every running node as a current peer (a
+node's ``/healthz`` only speaks for that node). Even then the leader may not
+place replicas on a peer for a moment (see ``orderflow.provision``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +128,19 @@ class Node:
         with urllib.request.urlopen(self._monitor("/jsz"), timeout=1.0) as response:
             meta: dict[str, Any] = json.load(response).get("meta_cluster") or {}
             return meta
+
+    def routes(self) -> tuple[int, Counter[str]]:
+        """(routes wanted to each other server, routes it has to each, by name).
+
+        Only the pool counts: a route pinned to one account (the system
+        account's, which the meta group uses) is not part of it.
+        """
+        with urllib.request.urlopen(self._monitor("/varz"), timeout=1.0) as response:
+            pool = int((json.load(response).get("cluster") or {}).get("pool_size") or 0)
+        with urllib.request.urlopen(self._monitor("/routez"), timeout=1.0) as response:
+            routes = json.load(response).get("routes") or []
+        pooled = Counter(str(r.get("remote_name")) for r in routes if not r.get("account"))
+        return max(pool, 1), pooled
 
     def jsz(self) -> dict[str, Any]:
         """The node's ``/jsz`` with every stream and consumer it holds (the monitoring port)."""
@@ -240,9 +258,10 @@ class EmbeddedCluster:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every running node is healthy (see :meth:`Node.health`: the meta
         leader is known, the node's streams and consumers have caught up and each
-        has a leader) and the meta leader counts every one of them as a current
-        peer. What a fresh cluster needs before it can place R3 streams, and a
-        restarted node before the cluster is whole again.
+        has a leader), each has all its routes to the others, and the meta leader
+        counts every one of them as a current peer. What a fresh cluster needs
+        before it can place R3 streams and answer every client, and a restarted
+        node before the cluster is whole again.
 
         Raises TimeoutError after ``timeout`` seconds, naming what never became
         ready, and RuntimeError if one of the nodes exits meanwhile.
@@ -265,7 +284,20 @@ class EmbeddedCluster:
             healthy, why = node.health()
             if not healthy:
                 return f"{node.name}: {why}"
-        return self._unformed(nodes) if nodes else ""
+        return (self._unrouted(nodes) or self._unformed(nodes)) if nodes else ""
+
+    def _unrouted(self, nodes: list[Node]) -> str:
+        """Which of ``nodes`` lacks routes to another ("" once every pool is full)."""
+        for node in nodes:
+            try:
+                wanted, pooled = node.routes()
+            except (OSError, ValueError) as exc:
+                return f"{node.name}: {exc}"
+            for other in nodes:
+                have = pooled[other.name]
+                if other is not node and have < wanted:
+                    return f"{node.name} has {have} of {wanted} routes to {other.name}"
+        return ""
 
     def _unformed(self, nodes: list[Node]) -> str:
         """Why the meta leader does not count every one of ``nodes`` as a current
