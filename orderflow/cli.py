@@ -22,6 +22,7 @@ from orderflow import config as config_mod
 from orderflow import logs
 from orderflow.config import MODES, ConfigError, Topology
 from orderflow.connect import DEFAULT_URL, ConnectError, connect, redact, url_from_env
+from orderflow.demo import STALL_S
 from orderflow.provision import LayoutRefused, ModeSwitchRefused
 from orderflow.server import EmbeddedServer, port_is_free
 
@@ -617,7 +618,10 @@ def parser() -> argparse.ArgumentParser:
                          "streams and buckets get N replicas unless streams.yaml says")  # fmt: skip
         if name == "demo":
             cmd.add_argument("--orders", type=int, default=1000)
-            cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+            cmd.add_argument("--timeout", type=float, default=None, metavar="S",
+                             help="give up S seconds after the start (default: no deadline; "
+                             "wait while orders keep finishing, give up once none has "
+                             f"finished for {STALL_S:g} s)")  # fmt: skip
             cmd.add_argument("--seed", type=int, default=42)
             cmd.add_argument("--json", action="store_true", help="summary as JSON on the last line")
     # --mode after the command too (`up --mode orchestration`), where it wins.

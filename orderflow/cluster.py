@@ -12,7 +12,14 @@ again on the same ports and store, which is how the tests take a stream's
 leader away. Readiness comes from the servers' monitoring port: a node is
 ready once ``/healthz`` is happy (it knows the JetStream meta leader, its
 streams and consumers have caught up) and ``/jsz`` shows a leader for every
-stream and consumer it holds.
+stream and consumer it holds; the cluster is ready once, in addition, every
+node has its whole pool of routes to every other (``/routez`` against the
+``pool_size`` of ``/varz``: until a pool fills, the messages of the accounts
+it carries are dropped between those two nodes, JetStream's answers to clients
+included, while the meta group talks over the system account's own route), and
+the meta leader's own ``/jsz`` counts every running node as a current peer (a
+node's ``/healthz`` only speaks for that node). Even then the leader may not
+place replicas on a peer for a moment (see ``orderflow.provision``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +117,30 @@ class Node:
         if leaderless:
             return False, f"no leader yet for {', '.join(leaderless)}"
         return True, ""
+
+    def meta(self) -> dict[str, Any]:
+        """The node's view of the JetStream meta group (``meta_cluster`` of ``/jsz``).
+
+        ``leader`` is the meta leader's name; only the leader's own view of
+        ``replicas`` (every other peer: ``name``, ``current``, ``offline``) says
+        whether the peers follow it: a follower does not track the others.
+        """
+        with urllib.request.urlopen(self._monitor("/jsz"), timeout=1.0) as response:
+            meta: dict[str, Any] = json.load(response).get("meta_cluster") or {}
+            return meta
+
+    def routes(self) -> tuple[int, Counter[str]]:
+        """(routes wanted to each other server, routes it has to each, by name).
+
+        Only the pool counts: a route pinned to one account (the system
+        account's, which the meta group uses) is not part of it.
+        """
+        with urllib.request.urlopen(self._monitor("/varz"), timeout=1.0) as response:
+            pool = int((json.load(response).get("cluster") or {}).get("pool_size") or 0)
+        with urllib.request.urlopen(self._monitor("/routez"), timeout=1.0) as response:
+            routes = json.load(response).get("routes") or []
+        pooled = Counter(str(r.get("remote_name")) for r in routes if not r.get("account"))
+        return max(pool, 1), pooled
 
     def jsz(self) -> dict[str, Any]:
         """The node's ``/jsz`` with every stream and consumer it holds (the monitoring port)."""
@@ -224,21 +256,74 @@ class EmbeddedCluster:
             raise
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until every running node is healthy (see :meth:`Node.health`): the meta
+        """Until every running node is healthy (see :meth:`Node.health`: the meta
         leader is known, the node's streams and consumers have caught up and each
-        has a leader. What a fresh cluster needs before it can place R3 streams,
-        and a restarted node before the cluster is whole again."""
+        has a leader), each has all its routes to the others, and the meta leader
+        counts every one of them as a current peer. What a fresh cluster needs
+        before it can place R3 streams and answer every client, and a restarted
+        node before the cluster is whole again.
+
+        Raises TimeoutError after ``timeout`` seconds, naming what never became
+        ready, and RuntimeError if one of the nodes exits meanwhile.
+        """
         deadline = time.monotonic() + timeout
-        for node in [n for n in self.nodes if n.running]:
-            while True:
-                if not node.running:
-                    raise RuntimeError(f"{node.name} exited; see {node.dir / 'nats-server.log'}")
-                healthy, why = node.health()
-                if healthy:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{node.name} not ready after {timeout}s: {why}")
-                time.sleep(0.05)
+        nodes = [n for n in self.nodes if n.running]
+        while True:
+            why = self._not_ready(nodes)
+            if not why:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not ready after {timeout}s: {why}")
+            time.sleep(0.05)
+
+    def _not_ready(self, nodes: list[Node]) -> str:
+        """What keeps ``nodes`` from being a ready cluster, "" once they are."""
+        for node in nodes:
+            if not node.running:
+                raise RuntimeError(f"{node.name} exited; see {node.dir / 'nats-server.log'}")
+            healthy, why = node.health()
+            if not healthy:
+                return f"{node.name}: {why}"
+        return (self._unrouted(nodes) or self._unformed(nodes)) if nodes else ""
+
+    def _unrouted(self, nodes: list[Node]) -> str:
+        """Which of ``nodes`` lacks routes to another ("" once every pool is full)."""
+        for node in nodes:
+            try:
+                wanted, pooled = node.routes()
+            except (OSError, ValueError) as exc:
+                return f"{node.name}: {exc}"
+            for other in nodes:
+                have = pooled[other.name]
+                if other is not node and have < wanted:
+                    return f"{node.name} has {have} of {wanted} routes to {other.name}"
+        return ""
+
+    def _unformed(self, nodes: list[Node]) -> str:
+        """Why the meta leader does not count every one of ``nodes`` as a current
+        peer ("" once it does). Each node's ``/healthz`` speaks only for that node:
+        it can be happy while the leader has yet to hear from another one."""
+        try:
+            name = nodes[0].meta().get("leader")
+            leader = next((n for n in nodes if n.name == name), None)
+            if leader is None:
+                return f"{nodes[0].name} knows no running meta leader (leader: {name!r})"
+            meta = leader.meta()
+        except (OSError, ValueError) as exc:
+            return f"meta group: {exc}"
+        if meta.get("leader") != leader.name:
+            return f"{leader.name} is no longer the meta leader ({meta.get('leader')!r} is)"
+        peers = {p.get("name"): p for p in meta.get("replicas") or []}
+        for node in nodes:
+            peer = peers.get(node.name, {})
+            if node is not leader and (not peer.get("current") or peer.get("offline")):
+                state = (
+                    f"current: {peer.get('current', False)}, offline: {peer.get('offline', False)}"
+                    if peer
+                    else "not in its peer list"
+                )
+                return f"{node.name} is not a current peer of meta leader {leader.name} ({state})"
+        return ""
 
     def kill(self, node: Node) -> None:
         """SIGKILL: no flush, no goodbye to the cluster (a crash, a power cut)."""
@@ -246,12 +331,14 @@ class EmbeddedCluster:
             os.kill(node.process.pid, signal.SIGKILL)
             node.process.wait()
 
-    def restart(self, node: Node, timeout: float = 30.0) -> None:
-        """Start a stopped or killed node again on its ports and store; return once caught up."""
+    def restart(self, node: Node, timeout: float = 30.0, wait: bool = True) -> None:
+        """Start a stopped or killed node again on its ports and store; return once caught
+        up (``wait``), or at once (a test catching the node while it rejoins)."""
         self.kill(node)
         self._spawn(node)
-        wait_for_port(node.port, timeout=10.0)
-        self.wait_ready(timeout=timeout)
+        if wait:
+            wait_for_port(node.port, timeout=10.0)
+            self.wait_ready(timeout=timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every node at once (one by one, the last ones would hold elections)."""

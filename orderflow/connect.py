@@ -24,9 +24,9 @@ Secrets stay out of logs and error messages: anything that shows a URL shows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -153,7 +153,7 @@ async def connect(
     would not make them right.
     """
     env = os.environ if env is None else env
-    _wait_for_loopback(url)
+    await _wait_for_loopback(url)
     report = error_cb or _logging_errors(name, url, secrets(url, env))
     refused = asyncio.Event()
 
@@ -193,26 +193,35 @@ async def connect(
     )
 
 
-def _wait_for_loopback(url: str, timeout: float = 10.0) -> None:
+async def _wait_for_loopback(url: str, timeout: float = 10.0) -> None:
     """Poll until one of the loopback servers in ``url`` listens (any one: a node of a
-    cluster may be down); a failed first connect would cost reconnect_time_wait (2 s)."""
+    cluster may be down); a failed first connect would cost reconnect_time_wait (2 s).
+
+    Asynchronous: the caller's loop goes on meanwhile (``demo`` watches its function
+    processes while it connects)."""
     local = [
         (part.hostname, part.port)
         for part in (urlsplit(u.strip()) for u in url.split(","))
         if part.hostname in ("127.0.0.1", "localhost", "::1") and part.port
     ]
+    if not local:
+        return
     deadline = time.monotonic() + timeout
-    while local and not any(_listening(host, port) for host, port in local):
+    while not any(await asyncio.gather(*(_listening(host, port) for host, port in local))):
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listening on {redact(url)} after {timeout}s")
-        time.sleep(0.02)
+        await asyncio.sleep(0.02)
 
 
-def _listening(host: str, port: int) -> bool:
+async def _listening(host: str, port: int) -> bool:
     try:
-        socket.create_connection((host, port), timeout=0.2).close()
-    except OSError:
+        async with asyncio.timeout(0.2):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
         return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
     return True
 
 

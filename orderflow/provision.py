@@ -12,6 +12,14 @@ made to have that many (scaled up or down like any other drift); one that
 leaves it unset is created with ``default_replicas`` (1; ``up --cluster N``
 passes N) and afterwards keeps whatever it has. A count the servers cannot
 place fails with the key that asked for it.
+
+A cluster that is still forming is not such a count: its meta leader places
+replicas only on peers it has had a statistics message from since their route
+(re)connected, and until one comes (every 0.25 s at first, backing off to
+30 s) it answers 10005 "no suitable peers for placement, peer offline", even
+while ``/healthz`` is happy and ``/jsz`` shows the peer current. Provisioning
+asks again until ``placement_timeout`` and only then fails, saying the
+cluster never formed.
 """
 
 from __future__ import annotations
@@ -329,28 +337,61 @@ async def seed_inventory(nc: Client, topology: Topology, base: Path, report: Rep
 #: cluster's servers (no suitable peers), or more than one on a lone server.
 _CANNOT_PLACE = {10005, 10074}
 
+#: Seconds provisioning waits for a forming cluster's peers to become placeable.
+PLACEMENT_TIMEOUT = 30.0
+
+
+def _peer_offline(exc: nats.js.errors.APIError) -> bool:
+    """10005 because a peer is offline to the meta leader: not yet, rather than never."""
+    return exc.err_code == 10005 and "peer offline" in (exc.description or "")
+
 
 async def _ensure_replicated(
-    js: Any, config: StreamConfig, report: Report, spec: StreamSpec | BucketSpec, key: str
+    js: Any,
+    config: StreamConfig,
+    report: Report,
+    spec: StreamSpec | BucketSpec,
+    key: str,
+    placement_timeout: float = PLACEMENT_TIMEOUT,
 ) -> None:
-    """``ensure_stream``, with a refused replica count reported against its key in the file."""
-    try:
-        await ensure_stream(js, config, report, keep_replicas=spec.replicas is None)
-    except nats.js.errors.APIError as exc:
-        if exc.err_code not in _CANNOT_PLACE or (config.num_replicas or 1) < 2:
-            raise
-        where = f"{key}.replicas" if spec.replicas is not None else "the default replica count"
-        raise ConfigError(
-            f"{where}: the server cannot place {config.num_replicas} replicas of "
-            f"{config.name} ({exc.description}); a stream has at most one replica "
-            "per server of the cluster"
-        ) from None
+    """``ensure_stream``, with a refused replica count reported against its key in the file;
+    asked again while a peer is offline, until ``placement_timeout``."""
+    deadline = time.monotonic() + placement_timeout
+    while True:
+        try:
+            await ensure_stream(js, config, report, keep_replicas=spec.replicas is None)
+            return
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in _CANNOT_PLACE or (config.num_replicas or 1) < 2:
+                raise
+            offline = _peer_offline(exc)
+            if offline and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                continue
+            where = f"{key}.replicas" if spec.replicas is not None else "the default replica count"
+            if offline:
+                raise ConfigError(
+                    f"{where}: the server cannot place {config.num_replicas} replicas of "
+                    f"{config.name} ({exc.description}): the cluster never formed, a server "
+                    f"was still offline to the meta leader after {placement_timeout:g}s; "
+                    "check that every server of the cluster is running and routed to the others"
+                ) from None
+            raise ConfigError(
+                f"{where}: the server cannot place {config.num_replicas} replicas of "
+                f"{config.name} ({exc.description}); a stream has at most one replica "
+                "per server of the cluster"
+            ) from None
 
 
 async def provision(
-    nc: Client, topology: Topology, base: Path = Path("."), default_replicas: int = 1
+    nc: Client,
+    topology: Topology,
+    base: Path = Path("."),
+    default_replicas: int = 1,
+    placement_timeout: float = PLACEMENT_TIMEOUT,
 ) -> Report:
-    """Make the server match ``topology``; ``default_replicas`` for what sets no count."""
+    """Make the server match ``topology``; ``default_replicas`` for what sets no count;
+    ``placement_timeout``: how long a forming cluster may refuse replicas (module doc)."""
     report = Report()
     js = nc.jetstream()
     for i, stream in enumerate(topology.streams):
@@ -359,10 +400,10 @@ async def provision(
         dead_letters = stream.name == topology.dead_letters.stream
         size = -1 if dead_letters else topology.limits.max_message_bytes
         config = stream_config(stream, size, default_replicas)
-        await _ensure_replicated(js, config, report, stream, f"streams[{i}]")
+        await _ensure_replicated(js, config, report, stream, f"streams[{i}]", placement_timeout)
     for i, bucket in enumerate(topology.buckets):
         config = bucket_config(bucket, default_replicas)
-        await _ensure_replicated(js, config, report, bucket, f"buckets[{i}]")
+        await _ensure_replicated(js, config, report, bucket, f"buckets[{i}]", placement_timeout)
     names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]
     await wait_for_leaders(js, names)
     start_after = await retire_inactive(nc, topology, report)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,3 +169,45 @@ def test_a_client_certificate_needs_its_key() -> None:
     with pytest.raises(ValueError, match="NATS_CERT and NATS_KEY go together"):
         tls_context({"NATS_CERT": "client.pem"})
     assert tls_context({}) is None
+
+
+async def test_waiting_for_the_port_leaves_the_event_loop_running(tmp_path: Path) -> None:
+    """connect() waits for a loopback server that is not listening yet without
+    blocking the loop: a task beside it (the supervisor's watcher in ``up``) goes on."""
+    server = EmbeddedServer(tmp_path / "nats")
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    # The server starts 1.5 s from now, in a thread: starting it must not need the loop.
+    starter = threading.Timer(1.5, server.start)
+    starter.start()
+    ticking = asyncio.create_task(ticker())
+    began = time.monotonic()
+    try:
+        nc = await asyncio.wait_for(connect(server.url, "tests", env={}), 10)
+        waited = time.monotonic() - began
+        await nc.close()
+    finally:
+        ticking.cancel()
+        starter.join()
+        server.stop()
+    assert waited >= 1.0  # connect did wait for the port...
+    during = [t for t in ticks if t <= began + waited]
+    gaps = [b - a for a, b in itertools.pairwise([began, *during])]
+    # ...while the ticker kept ticking (a blocking poll would leave one gap of ~1.5 s).
+    assert max(gaps) < 0.5, f"the loop stalled for {max(gaps):.2f}s"
+    assert len(during) >= 10
+
+
+async def test_waiting_for_the_port_is_bounded() -> None:
+    from orderflow.connect import _wait_for_loopback
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="nothing listening"):
+        await _wait_for_loopback(url, timeout=0.3)
+    assert time.monotonic() - began < 2
