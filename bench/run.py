@@ -1,27 +1,34 @@
-"""Benchmark: orderflow's runtime against the same flow written on bare nats-py.
+"""Benchmark: the order flow as deployed, next to a plain nats-py reference; trace at size.
 
 Run from the repository root:
 
-    python -m bench.run                      # the short default run (about a minute)
-    python -m bench.run --orders 5000 --rates 100,200,500 --duration 10
+    python -m bench.run                      # chain, saturation, 100/s: about a minute
+    python -m bench.run --runs chain,saturation,rates,history   # + trace/stuck at 10k-1M
     python -m bench.run --json               # one JSON object on stdout
     python -m bench.run --profile            # also: py-spy on the busiest function
 
-Every row of the table is its own configuration, measured on a fresh
-nats-server (a temp store dir, file storage) provisioned from
-``streams.yaml``, with one OS process per function:
+Every row is measured on its own fresh nats-server (a temp store dir, file
+storage, loopback only, its HTTP monitoring on a loopback port):
 
-* ``framework``: ``orderflow.supervisor.Supervisor`` starting
-  ``runner.py run FUNCTION``, exactly as ``up`` deploys the flow;
-* ``bare``: ``bench/bare.py FUNCTION URL CONCURRENCY``, the same NATS work
-  without the framework.
+* ``chain``: the reference, ``bench/chain.py`` (plain nats-py, no orderflow):
+  3 processes forwarding one message along 4 JetStream hops with one KV
+  join, 512 messages in flight; messages through per second;
+* ``saturation``: the flow, provisioned from ``streams.yaml``, one OS
+  process per function (``orderflow.supervisor.Supervisor``, as ``up``
+  deploys it), N orders of the demo mix (``orderflow.demo.make_orders``)
+  published as fast as the stream acks them; orders per second and what one
+  order costs: CPU of the server and of the functions, messages into and out
+  of the server (``/varz``), KV appends;
+* ``rates``: the same flow offered R orders/s (open loop): latency, the happy
+  path's in particular;
+* ``replicas``: saturation again with 2 processes of the busiest function;
+* ``history``: ORDERS filled with valid histories to 10k, 100k, 1M messages
+  (``bench/history.py``), then ``trace`` and ``stuck`` timed at each size;
+* ``drain``, ``kv``: one function alone on a backlog; single KV operations.
 
-Both get the same orders (``orderflow.demo.make_orders``, same seed, same
-ids), published as the demo does (a JetStream publish, waiting for the
-stream's ack), and the benchmark listens for ``orders.completed`` /
-``orders.cancelled``. A warm-up batch runs first and is not measured. The exit
-status is non-zero if any order stays unfinished, ends with the wrong outcome
-or ends twice.
+The exit status is non-zero if any order stays unfinished, ends with the
+wrong outcome or with two terminal events in the log, if a process died, or
+if a run could not be measured.
 """
 
 from __future__ import annotations
@@ -50,31 +57,30 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from bench import chain
+from bench import history as history_mod
+from bench.monitor import MonitoredServer, Traffic
 from functions import stock
 from functions.events import (
-    DeliveryScheduled,
-    Event,
+    TERMINAL_SUBJECTS,
     OrderCreated,
     OrderItem,
-    PaymentSucceeded,
-    StockLine,
-    StockReserved,
-    subject_of,
 )
 from functions.state import Write
 from functions.stock import Level
 from orderflow import config as config_mod
+from orderflow import subjects
 from orderflow.config import BucketSpec, Topology
 from orderflow.cpu import CLOCK_TICKS, cpu_model, cpu_seconds, machine_ticks
 from orderflow.demo import Tally, make_orders, payload, percentile
-from orderflow.kv import KvStore
+from orderflow.kv import KvStore, stream_name
 from orderflow.provision import Report, bucket_config, ensure_stream, provision_at
 from orderflow.server import EmbeddedServer, binary, stop_all
 from orderflow.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "streams.yaml"
-BARE = ROOT / "bench" / "bare.py"
+CHAIN = ROOT / "bench" / "chain.py"
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
 #: What each path of the demo's order mix must end as; anything else is a bug.
@@ -92,6 +98,9 @@ PUBLISH_WINDOW = 256
 
 #: Machine time used by others (percent of all CPUs) above which a row is flagged.
 OTHER_CPU_WARNING = 15.0
+
+#: The driver's connection name; its own messages (publishing, polling) are told apart.
+DRIVER = "bench-driver"
 
 
 def say(line: str) -> None:
@@ -114,18 +123,19 @@ def machine() -> dict[str, str]:
         "nats_server": server.stdout.strip().removeprefix("nats-server: "),
         "nats_py": metadata.version("nats-py"),
         "msgspec": metadata.version("msgspec"),
+        "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
 
 def runtime_version() -> str:
-    """The commit the framework was measured at, and whether its code had local changes."""
+    """The commit the flow was measured at, and whether its code had local changes."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--", "orderflow", "functions", "streams.yaml")
+    changed = git("status", "--porcelain", "--", "orderflow", "functions", "streams.yaml", "bench")
     return commit + (" + uncommitted changes" if changed else "")
 
 
@@ -135,7 +145,7 @@ def runtime_version() -> str:
 @dataclass
 class CpuSnapshot:
     server: float
-    functions: dict[str, float]
+    processes: dict[str, float]
     driver: float
     machine: list[int]
 
@@ -143,13 +153,50 @@ class CpuSnapshot:
 def snapshot(server_pid: int, pids: dict[str, list[int]]) -> CpuSnapshot:
     return CpuSnapshot(
         server=cpu_seconds(server_pid),
-        functions={name: sum(cpu_seconds(p) for p in ps) for name, ps in pids.items()},
+        processes={name: sum(cpu_seconds(p) for p in ps) for name, ps in pids.items()},
         driver=cpu_seconds(os.getpid()),
         machine=machine_ticks(),
     )
 
 
-# --- the two implementations, one OS process per function ------------------------------
+@dataclass
+class Usage:
+    """CPU used between two snapshots, and how busy the whole machine was meanwhile."""
+
+    server_s: float = 0.0
+    processes_s: float = 0.0  # the functions' (or the chain stages') processes, summed
+    by_process_s: dict[str, float] = field(default_factory=dict)
+    driver_s: float = 0.0
+    machine_busy_pct: float = 0.0  # not idle and not waiting for I/O
+    machine_iowait_pct: float = 0.0
+    machine_steal_pct: float = 0.0  # taken by the hypervisor for other guests
+    # Busy machine time not spent by the benchmark's own processes (the kernel's
+    # network and disk work, and anything else running): a few percent when the
+    # machine is quiet; much more means another program disturbed the run.
+    machine_other_pct: float = 0.0
+
+
+def usage(before: CpuSnapshot, after: CpuSnapshot) -> Usage:
+    by_process = {n: round(after.processes[n] - before.processes[n], 3) for n in before.processes}
+    ticks = [b - a for a, b in zip(before.machine, after.machine, strict=True)]
+    total = sum(ticks) or 1
+    idle, iowait, steal = ticks[3], ticks[4], ticks[7]
+    used = Usage(
+        server_s=round(after.server - before.server, 3),
+        processes_s=round(sum(by_process.values()), 3),
+        by_process_s=by_process,
+        driver_s=round(after.driver - before.driver, 3),
+        machine_busy_pct=round(100 * (total - idle - iowait) / total, 1),
+        machine_iowait_pct=round(100 * iowait / total, 1),
+        machine_steal_pct=round(100 * steal / total, 1),
+    )
+    ours = used.server_s + used.processes_s + used.driver_s
+    busy_s = (total - idle - iowait) / CLOCK_TICKS
+    used.machine_other_pct = round(100 * (busy_s - ours) / (total / CLOCK_TICKS), 1)
+    return used
+
+
+# --- the processes, one OS process per function or stage --------------------------
 
 
 class Fleet(Protocol):
@@ -160,7 +207,7 @@ class Fleet(Protocol):
     def stop(self) -> None: ...
 
 
-class FrameworkFleet:
+class FlowFleet:
     """``runner.py run FUNCTION`` per replica, started by the project's own Supervisor."""
 
     def __init__(self, url: str, config: Path, replicas: dict[str, int], log_dir: Path) -> None:
@@ -179,49 +226,112 @@ class FrameworkFleet:
         self.supervisor.stop()
 
 
-class BareFleet:
-    """``bench/bare.py FUNCTION URL CONCURRENCY`` per replica."""
+class ChainFleet:
+    """``bench/chain.py stage NAME URL`` for each stage of the reference chain."""
 
-    def __init__(
-        self, url: str, replicas: dict[str, int], topology: Topology, log_dir: Path
-    ) -> None:
+    def __init__(self, url: str, log_dir: Path, workers: int, batch: int) -> None:
         self.url = url
-        self.replicas = replicas
-        self.topology = topology
         self.log_dir = log_dir
-        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.workers = workers
+        self.batch = batch
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for name, count in self.replicas.items():
-            concurrency = self.topology.functions[name].concurrency
-            for replica in range(count):
-                with open(self.log_dir / f"{name}#{replica}.log", "ab") as log:
-                    process = subprocess.Popen(
-                        [sys.executable, str(BARE), name, self.url, str(concurrency)],
-                        stdout=log,
-                        stderr=log,
-                        cwd=ROOT,
-                    )
-                self.processes.append((name, process))
+        for name in chain.STAGES:
+            with open(self.log_dir / f"chain-{name}.log", "ab") as log:
+                self.processes[name] = subprocess.Popen(
+                    [sys.executable, str(CHAIN), "stage", name, self.url,
+                     "--workers", str(self.workers), "--batch", str(self.batch)],
+                    stdout=log, stderr=log, cwd=ROOT,
+                )  # fmt: skip
 
     def pids(self) -> dict[str, list[int]]:
-        alive: dict[str, list[int]] = {name: [] for name in self.replicas}
-        for name, process in self.processes:
-            if process.poll() is None:
-                alive[name].append(process.pid)
-        return alive
+        return {n: [p.pid] if p.poll() is None else [] for n, p in self.processes.items()}
 
     def stop(self) -> None:
-        stop_all([p for _, p in self.processes])
+        stop_all(list(self.processes.values()))
 
 
-# --- one measurement ------------------------------------------------------------
+def show_logs(log_dir: Path, lines: int = 15) -> None:
+    for log in sorted(log_dir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        if tail:
+            say(f"--- {log.name} (last {len(tail)} lines)")
+            for line in tail:
+                say(line)
+
+
+# --- waiting on consumers -----------------------------------------------------------
+
+
+async def wait_ready(
+    js: JetStreamContext, consumers: dict[tuple[str, str], int], timeout: float = 30.0
+) -> None:
+    """Until every (stream, durable) has at least as many pull requests waiting as given."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = {}
+        for stream, durable in consumers:
+            with contextlib.suppress(Exception):
+                info = await js.consumer_info(stream, durable)
+                waiting[durable] = info.num_waiting or 0
+        if all(waiting.get(d, 0) >= n for (_, d), n in consumers.items()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"consumers not fetching after {timeout}s: waiting={waiting}")
+        await asyncio.sleep(0.1)
+
+
+async def settle(js: JetStreamContext, consumers: list[tuple[str, str]], timeout: float) -> None:
+    """Until no consumer has a message pending or unacked: the work is done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for stream, durable in consumers:
+            info = await js.consumer_info(stream, durable)
+            if info.num_pending or info.num_ack_pending:
+                busy.append(durable)
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"consumers still busy after {timeout}s: {busy}")
+        await asyncio.sleep(0.05)
+
+
+def flow_consumers(topology: Topology) -> dict[str, list[tuple[str, str]]]:
+    """function -> its (stream, durable) consumers."""
+    return {
+        name: [(c.stream, c.durable) for c in fn.consumers]
+        for name, fn in topology.functions.items()
+    }
+
+
+async def sample_backlog(
+    js: JetStreamContext, consumers: dict[str, list[tuple[str, str]]], samples: dict[str, list[int]]
+) -> None:
+    """Every 0.25 s, how many messages each function has not finished (until cancelled)."""
+    while True:
+        for name, specs in consumers.items():
+            total = 0
+            for stream, durable in specs:
+                with contextlib.suppress(Exception):
+                    info = await js.consumer_info(stream, durable)
+                    total += (info.num_pending or 0) + (info.num_ack_pending or 0)
+            samples[name].append(total)
+        await asyncio.sleep(0.25)
+
+
+async def last_sequences(js: JetStreamContext, streams: list[str]) -> dict[str, int]:
+    """What was ever appended to each stream (deletes included)."""
+    return {name: int((await js.stream_info(name)).state.last_seq) for name in streams}
+
+
+# --- the flow -------------------------------------------------------------------------
 
 
 @dataclass
-class Result:
-    impl: str
+class FlowResult:
     load: str  # "saturation" or "<rate>/s"
     replicas: dict[str, int]
     orders: int
@@ -229,7 +339,10 @@ class Result:
     cancelled: int = 0
     unfinished: int = 0
     wrong_outcome: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # orders with more than one terminal event in the log
+    # Terminal events seen again by a subscriber but refused by the log (a
+    # redelivery, or both halves of a join deciding): the guard at work.
+    announced_again: int = 0
     functions_died: int = 0
     error: str = ""  # the run could not be measured (functions never ready, warm-up failed...)
     elapsed_s: float = 0.0  # first publish -> last terminal event
@@ -239,21 +352,15 @@ class Result:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     latency_by_path_ms: dict[str, dict[str, float]] = field(default_factory=dict)
-    cpu_server_s: float = 0.0
-    cpu_functions_s: float = 0.0
-    cpu_by_function_s: dict[str, float] = field(default_factory=dict)
-    cpu_driver_s: float = 0.0
-    # The whole machine over the run (from /proc/stat): was it CPU-bound?
-    machine_busy_pct: float = 0.0  # not idle and not waiting for I/O
-    machine_iowait_pct: float = 0.0
-    machine_steal_pct: float = 0.0  # taken by the hypervisor for other guests
-    # Busy machine time not spent by the benchmark's own processes (the kernel's
-    # network and disk work, and anything else running): a few percent when the
-    # machine is quiet; much more means another program disturbed the run.
-    machine_other_pct: float = 0.0
-    # Throughput of every repetition (--repeat); the row shows the median one.
-    repeats_orders_per_s: list[float] = field(default_factory=list)
-    # num_pending + num_ack_pending of each function's consumer, sampled every 0.25 s.
+    # From the first publish until every consumer has settled its messages.
+    cpu: Usage = field(default_factory=Usage)
+    # Messages into / out of the server (/varz), and per connection name (/connz).
+    msgs_in: int = 0
+    msgs_out: int = 0
+    msgs_by_connection: dict[str, list[int]] = field(default_factory=dict)
+    appended: dict[str, int] = field(default_factory=dict)  # stream -> messages appended
+    kv_streams: list[str] = field(default_factory=list)
+    # num_pending + num_ack_pending of each function's consumers, sampled every 0.25 s.
     backlog_mean: dict[str, float] = field(default_factory=dict)
     backlog_max: dict[str, int] = field(default_factory=dict)
 
@@ -262,36 +369,16 @@ class Result:
         problems = (self.unfinished, self.wrong_outcome, self.duplicates, self.functions_died)
         return any(problems) or bool(self.error)
 
-    def per_1000(self, seconds: float) -> float:
-        return seconds / self.orders * 1000 if self.orders else 0.0
+    def per_order(self, value: float) -> float:
+        return value / self.orders if self.orders else 0.0
 
+    @property
+    def driver_msgs(self) -> list[int]:
+        return self.msgs_by_connection.get(DRIVER, [0, 0])
 
-async def wait_ready(js: JetStreamContext, replicas: dict[str, int], timeout: float = 30.0) -> None:
-    """Until every replica of every function has a pull request waiting on its consumer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        waiting = {}
-        for name in replicas:
-            with contextlib.suppress(Exception):
-                info = await js.consumer_info("ORDERS", name)
-                waiting[name] = info.num_waiting or 0
-        if all(waiting.get(name, 0) >= count for name, count in replicas.items()):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"functions not fetching after {timeout}s: waiting={waiting}")
-        await asyncio.sleep(0.1)
-
-
-async def sample_backlog(
-    js: JetStreamContext, functions: list[str], samples: dict[str, list[int]]
-) -> None:
-    """Every 0.25 s, how many messages each consumer has not finished (until cancelled)."""
-    while True:
-        for name in functions:
-            with contextlib.suppress(Exception):
-                info = await js.consumer_info("ORDERS", name)
-                samples[name].append((info.num_pending or 0) + (info.num_ack_pending or 0))
-        await asyncio.sleep(0.25)
+    @property
+    def kv_appends(self) -> int:
+        return sum(self.appended.get(name, 0) for name in self.kv_streams)
 
 
 async def offer(
@@ -306,8 +393,8 @@ async def offer(
     js = nc.jetstream()
     tally = Tally(expected=len(orders))
     subs = [
-        await nc.subscribe(subject, cb=tally.on_terminal)
-        for subject in ("orders.completed", "orders.cancelled")
+        await nc.subscribe(subjects.subject(kind, "*"), cb=tally.on_terminal)
+        for kind in sorted(TERMINAL_SUBJECTS)
     ]
     window = asyncio.Semaphore(PUBLISH_WINDOW)
     last_publish = 0.0
@@ -317,7 +404,7 @@ async def offer(
         async with window:
             # Latency counts from here: the moment the order is handed to the client.
             tally.published[order.order_id] = last_publish = time.monotonic()
-            await js.publish("orders.created", payload(order))
+            await js.publish(subjects.INGRESS, payload(order))
 
     if on_start is not None:
         on_start()
@@ -343,47 +430,74 @@ async def offer(
     return tally, start, last_publish
 
 
-async def measure(
-    url: str,
+async def stored_twice(js: JetStreamContext, stream: str, order_ids: set[str]) -> int:
+    """Orders of ``order_ids`` with more than one terminal event stored (subject counts)."""
+    per_order: Counter[str] = Counter()
+    for kind in sorted(TERMINAL_SUBJECTS):
+        info = await js.stream_info(stream, subjects_filter=subjects.subject(kind, "*"))
+        for subject, count in (info.state.subjects or {}).items():
+            order_id, _ = subjects.parse(subject)
+            if order_id in order_ids:
+                per_order[order_id] += count
+    return sum(1 for count in per_order.values() if count > 1)
+
+
+async def measure_flow(
+    server: MonitoredServer,
+    topology: Topology,
     fleet: Fleet,
-    server_pid: int,
-    result: Result,
+    result: FlowResult,
     orders: list[tuple[str, OrderCreated]],
     warmup: list[tuple[str, OrderCreated]],
     rate: float | None,
     timeout: float,
     on_start: Callable[[dict[str, list[int]]], None] | None = None,
 ) -> None:
-    nc = await nats.connect(url, name="bench-driver")
+    nc = await nats.connect(server.url, name=DRIVER)
     try:
         js = nc.jetstream()
-        await wait_ready(js, result.replicas)
+        consumers = flow_consumers(topology)
+        every = [c for specs in consumers.values() for c in specs]
+        await wait_ready(
+            js, {c: result.replicas[name] for name, specs in consumers.items() for c in specs}
+        )
         # Warm up: every process has connected, bound, imported what it lazily
         # imports and handled each kind of message once before the clock starts.
         tally, _, _ = await offer(nc, warmup, None, timeout)
         if len(tally.finished) < len(warmup):
             raise RuntimeError(f"warm-up: {len(warmup) - len(tally.finished)} orders unfinished")
+        await settle(js, every, timeout)
 
+        streams = [s.name for s in topology.streams]
+        result.kv_streams = [stream_name(b.name) for b in topology.buckets]
         pids = fleet.pids()
-        samples: dict[str, list[int]] = {name: [] for name in result.replicas}
-        sampler = asyncio.create_task(sample_backlog(js, list(result.replicas), samples))
-        before = snapshot(server_pid, pids)
+        samples: dict[str, list[int]] = {name: [] for name in consumers}
+        appended = await last_sequences(js, streams + result.kv_streams)
+        traffic = await server.traffic()
+        sampler = asyncio.create_task(sample_backlog(js, consumers, samples))
+        before = snapshot(server.pid, pids)
         try:
             tally, start, last_publish = await offer(
                 nc, orders, rate, timeout, None if on_start is None else lambda: on_start(pids)
             )
+            with contextlib.suppress(TimeoutError):
+                await settle(js, every, timeout)
         finally:
-            after = snapshot(server_pid, pids)
+            after = snapshot(server.pid, pids)
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
+        moved = (await server.traffic()).since(traffic)
+        appended_after = await last_sequences(js, streams + result.kv_streams)
+        ids = {order.order_id for _, order in orders}
+        result.duplicates = await stored_twice(js, topology.events_stream, ids)
     finally:
         await nc.close()
 
     outcomes = Counter(outcome for outcome, _ in tally.finished.values())
     result.completed, result.cancelled = outcomes["completed"], outcomes["cancelled"]
     result.unfinished = len(orders) - len(tally.finished)
-    result.duplicates = tally.duplicates
+    result.announced_again = tally.duplicates
     result.wrong_outcome = sum(
         1
         for path, order in orders
@@ -415,22 +529,10 @@ async def measure(
             "p50": round(percentile(these, 50), 1),
             "p99": round(percentile(these, 99), 1),
         }
-
-    result.cpu_server_s = round(after.server - before.server, 3)
-    result.cpu_by_function_s = {
-        name: round(after.functions[name] - before.functions[name], 3) for name in pids
-    }
-    result.cpu_functions_s = round(sum(result.cpu_by_function_s.values()), 3)
-    result.cpu_driver_s = round(after.driver - before.driver, 3)
-    ticks = [b - a for a, b in zip(before.machine, after.machine, strict=True)]
-    total = sum(ticks) or 1
-    idle, iowait, steal = ticks[3], ticks[4], ticks[7]
-    result.machine_busy_pct = round(100 * (total - idle - iowait) / total, 1)
-    result.machine_iowait_pct = round(100 * iowait / total, 1)
-    result.machine_steal_pct = round(100 * steal / total, 1)
-    ours = result.cpu_server_s + result.cpu_functions_s + result.cpu_driver_s
-    busy_s = (total - idle - iowait) / CLOCK_TICKS
-    result.machine_other_pct = round(100 * (busy_s - ours) / (total / CLOCK_TICKS), 1)
+    result.cpu = usage(before, after)
+    result.msgs_in, result.msgs_out = moved.in_msgs, moved.out_msgs
+    result.msgs_by_connection = moved.by_name
+    result.appended = {name: appended_after[name] - appended[name] for name in appended}
     result.backlog_mean = {n: round(sum(s) / len(s), 1) if s else 0.0 for n, s in samples.items()}
     result.backlog_max = {n: max(s, default=0) for n, s in samples.items()}
 
@@ -443,7 +545,6 @@ class Setup:
     overridden: bool
     warmup: int
     timeout: float
-    repeat: int
     store_root: Path | None  # where the fresh store dirs go (None: the system's temp dir)
 
 
@@ -457,37 +558,31 @@ def config_file(setup: Setup, tmp: Path) -> Path:
     return config
 
 
-def run_config(
+def run_flow(
     setup: Setup,
-    impl: str,
     load: str,
     replicas: dict[str, int],
     orders: list[tuple[str, OrderCreated]],
     rate: float | None,
     on_start: Callable[[dict[str, list[int]]], None] | None = None,
-) -> Result:
+) -> FlowResult:
     """One configuration on its own fresh server; every process is stopped on the way out."""
-    result = Result(impl, load, replicas, len(orders))
-    say(f"  {impl:<9} {label(result):<24} {len(orders)} orders ...")
+    result = FlowResult(load, replicas, len(orders))
+    say(f"  flow  {label(result):<24} {len(orders)} orders ...")
     with tempfile.TemporaryDirectory(prefix="orderflow-bench-", dir=setup.store_root) as tmp:
         config = config_file(setup, Path(tmp))
-        server = EmbeddedServer(Path(tmp) / "nats")
+        server = MonitoredServer(Path(tmp) / "nats")
         server.start()
         try:
-            assert server.process is not None
             asyncio.run(provision_at(server.url, setup.topology, ROOT))
             log_dir = Path(tmp) / "logs"
-            fleet: Fleet = (
-                FrameworkFleet(server.url, config, replicas, log_dir)
-                if impl == "framework"
-                else BareFleet(server.url, replicas, setup.topology, log_dir)
-            )
+            fleet = FlowFleet(server.url, config, replicas, log_dir)
             try:
                 fleet.start()
                 warmup = make_orders(setup.warmup, run_id="warmup", seed=7)
                 asyncio.run(
-                    measure(server.url, fleet, server.process.pid, result, orders, warmup,
-                            rate, setup.timeout, on_start)
+                    measure_flow(server, setup.topology, fleet, result, orders, warmup, rate,
+                                 setup.timeout, on_start)
                 )  # fmt: skip
             except Exception as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
@@ -502,178 +597,133 @@ def run_config(
         outcome = "FAILED: " + (
             result.error
             or f"{result.unfinished} unfinished, {result.wrong_outcome} wrong outcome, "
-            f"{result.duplicates} ended twice, {result.functions_died} processes died"
+            f"{result.duplicates} with two terminal events stored, "
+            f"{result.functions_died} processes died"
         )
-    say(f"  {'':<9} {'':<24} -> {result.orders_per_s} orders/s, p50 {result.p50_ms} ms, "
+    say(f"        {'':<24} -> {result.orders_per_s} orders/s, p50 {result.p50_ms} ms, "
         f"p99 {result.p99_ms} ms, {outcome}")  # fmt: skip
     return result
 
 
-def run_rows(
-    setup: Setup,
-    impls: list[str],
-    load: str,
-    replicas: dict[str, int],
-    orders: list[tuple[str, OrderCreated]],
-    rate: float | None,
-) -> list[Result]:
-    """One row per implementation: the median of ``setup.repeat`` runs by throughput.
-
-    On a small machine one run's throughput moves by tens of percent (see
-    bench/README.md), so a row can be the middle of several; the repetitions
-    alternate between the implementations so that drift hits both alike. A
-    failed run is the row, whatever its throughput: a failure must show.
-    """
-    runs: dict[str, list[Result]] = {impl: [] for impl in impls}
-    for _ in range(setup.repeat):
-        for impl in impls:
-            runs[impl].append(run_config(setup, impl, load, replicas, orders, rate))
-    rows = []
-    for impl in impls:
-        failed = [r for r in runs[impl] if r.failed]
-        ordered = sorted(runs[impl], key=lambda r: r.orders_per_s)
-        row = failed[0] if failed else ordered[len(ordered) // 2]
-        row.repeats_orders_per_s = [r.orders_per_s for r in runs[impl]]
-        rows.append(row)
-    return rows
-
-
-def show_logs(log_dir: Path, lines: int = 15) -> None:
-    for log in sorted(log_dir.glob("*.log")):
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
-        if tail:
-            say(f"--- {log.name} (last {len(tail)} lines)")
-            for line in tail:
-                say(line)
-
-
-# --- one function alone: the framework's cost per message ------------------------------
-
-#: What each drainable function reads, per order: events that need nothing else
-#: (no gateway, no stock levels), so the function can run alone on a backlog.
-DRAIN_INPUTS: dict[str, Callable[[str], list[Event]]] = {
-    "delivery": lambda oid: [
-        PaymentSucceeded(oid, 1500, charge_id=f"ch_{oid}"),
-        StockReserved(oid, items=[StockLine("BOOK-42", 1)]),
-    ],
-    # order reads only the outcomes that can end an order: for a completed one,
-    # delivery.scheduled.
-    "order": lambda oid: [DeliveryScheduled(oid, tracking_id=f"TRK-{oid}")],
-}
-DRAIN_BASELINE_ORDERS = 200
+# --- the reference chain ----------------------------------------------------------------
 
 
 @dataclass
-class Drained:
+class ChainResult:
     messages: int
-    seconds: float  # from starting the process until the backlog is settled
-    function_cpu_s: float  # the function's process, since it started (imports included)
-    server_cpu_s: float
+    in_flight: int
+    workers: int
+    batch: int
+    through: int = 0
+    error: str = ""
+    elapsed_s: float = 0.0
+    msgs_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    cpu: Usage = field(default_factory=Usage)
+    msgs_in: int = 0
+    msgs_out: int = 0
+    msgs_by_connection: dict[str, list[int]] = field(default_factory=dict)
+    appended: dict[str, int] = field(default_factory=dict)
+    stages_died: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error) or self.through < self.messages or bool(self.stages_died)
+
+    def per_message(self, value: float) -> float:
+        return value / self.messages if self.messages else 0.0
 
 
-async def preload(url: str, function: str, orders: int) -> int:
-    nc = await nats.connect(url, name="bench-preload")
+CHAIN_WARMUP = 512
+
+
+async def measure_chain(server: MonitoredServer, fleet: ChainFleet, result: ChainResult,
+                        timeout: float) -> None:  # fmt: skip
+    nc = await nats.connect(server.url, name=DRIVER)
     try:
         js = nc.jetstream()
-        window = asyncio.Semaphore(PUBLISH_WINDOW)
-        events = [e for i in range(orders) for e in DRAIN_INPUTS[function](f"drain-{i:06d}")]
-
-        async def publish(event: Event) -> None:
-            async with window:
-                await js.publish(subject_of(type(event)), msgspec.json.encode(event))
-
-        await asyncio.gather(*(publish(e) for e in events))
-        return len(events)
+        consumers = [(chain.STREAM, name) for name in chain.STAGES]
+        await wait_ready(js, dict.fromkeys(consumers, 1))
+        warm = await chain.drive(nc, CHAIN_WARMUP, result.in_flight, timeout, prefix="w")
+        if warm["through"] < CHAIN_WARMUP:
+            raise RuntimeError(f"chain warm-up: {CHAIN_WARMUP - warm['through']:.0f} stuck")
+        await settle(js, consumers, timeout)
+        pids = fleet.pids()
+        streams = [chain.STREAM, f"KV_{chain.BUCKET}"]
+        appended = await last_sequences(js, streams)
+        traffic: Traffic = await server.traffic()
+        before = snapshot(server.pid, pids)
+        try:
+            done = await chain.drive(nc, result.messages, result.in_flight, timeout)
+            with contextlib.suppress(TimeoutError):
+                await settle(js, consumers, timeout)
+        finally:
+            after = snapshot(server.pid, pids)
+        moved = (await server.traffic()).since(traffic)
+        appended_after = await last_sequences(js, streams)
     finally:
         await nc.close()
+    result.through = int(done["through"])
+    result.elapsed_s = done["elapsed_s"]
+    result.msgs_per_s = done["msgs_per_s"]
+    result.p50_ms, result.p99_ms = done["p50_ms"], done["p99_ms"]
+    result.cpu = usage(before, after)
+    result.msgs_in, result.msgs_out = moved.in_msgs, moved.out_msgs
+    result.msgs_by_connection = moved.by_name
+    result.appended = {name: appended_after[name] - appended[name] for name in appended}
+    result.stages_died = sum(1 for ps in fleet.pids().values() if not ps)
 
 
-async def wait_settled(url: str, durable: str, timeout: float) -> None:
-    nc = await nats.connect(url, name="bench-drain")
-    try:
-        js = nc.jetstream()
-        deadline = time.monotonic() + timeout
-        while True:
-            info = await js.consumer_info("ORDERS", durable)
-            if not info.num_pending and not info.num_ack_pending:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{durable}: {info.num_pending} messages left after {timeout}s")
-            await asyncio.sleep(0.02)
-    finally:
-        await nc.close()
-
-
-def drain_once(setup: Setup, impl: str, function: str, orders: int) -> Drained:
+def run_chain(setup: Setup, messages: int, in_flight: int, workers: int, batch: int) -> ChainResult:
+    """The reference on its own fresh server: setup, 3 stage processes, the driver here."""
+    result = ChainResult(messages, in_flight, workers, batch)
+    say(f"  chain {messages} messages, {in_flight} in flight ...")
     with tempfile.TemporaryDirectory(prefix="orderflow-bench-", dir=setup.store_root) as tmp:
-        server = EmbeddedServer(Path(tmp) / "nats")
+        server = MonitoredServer(Path(tmp) / "nats")
         server.start()
         try:
-            assert server.process is not None
-            asyncio.run(provision_at(server.url, setup.topology, ROOT))
-            messages = asyncio.run(preload(server.url, function, orders))
-            server_before = cpu_seconds(server.process.pid)
-            alone = {function: 1}
-            log_dir = Path(tmp) / "logs"
-            fleet: Fleet = (
-                FrameworkFleet(server.url, config_file(setup, Path(tmp)), alone, log_dir)
-                if impl == "framework"
-                else BareFleet(server.url, alone, setup.topology, log_dir)
-            )
+
+            async def prepare() -> None:
+                nc = await nats.connect(server.url, name="bench-chain-setup")
+                try:
+                    await chain.setup(nc.jetstream())
+                finally:
+                    await nc.close()
+
+            asyncio.run(prepare())
+            fleet = ChainFleet(server.url, Path(tmp) / "logs", workers, batch)
             try:
-                started = time.monotonic()
                 fleet.start()
-                pid = fleet.pids()[function][0]
-                asyncio.run(wait_settled(server.url, function, setup.timeout))
-                seconds = time.monotonic() - started
-                function_cpu = cpu_seconds(pid)
-                server_cpu = cpu_seconds(server.process.pid) - server_before
+                asyncio.run(measure_chain(server, fleet, result, setup.timeout))
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
             finally:
                 fleet.stop()
+                if result.failed:
+                    show_logs(fleet.log_dir)
         finally:
             server.stop()
-    return Drained(messages, seconds, function_cpu, server_cpu)
+    outcome = "ok" if not result.failed else f"FAILED: {result.error or 'messages stuck'}"
+    say(f"        -> {result.msgs_per_s} msgs/s, p50 {result.p50_ms} ms, {outcome}")
+    return result
 
 
-def drain(setup: Setup, impl: str, function: str, orders: int) -> dict[str, Any]:
-    """CPU and time per message of ``function`` alone, settling a backlog of its inputs.
-
-    No other function runs and nothing is published while it works, so this is
-    the per-message cost of the implementation itself. A small run first
-    measures what starting the process costs (imports, connecting); the figures
-    are the difference between the two runs, divided by the extra messages.
-    """
-    say(f"  {impl:<9} drain {function}: {orders} orders' worth of input ...")
-    small = drain_once(setup, impl, function, DRAIN_BASELINE_ORDERS)
-    large = drain_once(setup, impl, function, orders)
-    extra = large.messages - small.messages
-    row = {
-        "impl": impl,
-        "function": function,
-        "messages": large.messages,
-        "msgs_per_s": round(extra / max(large.seconds - small.seconds, 1e-9)),
-        "function_cpu_us_per_msg": round(
-            (large.function_cpu_s - small.function_cpu_s) / extra * 1e6
-        ),
-        "server_cpu_us_per_msg": round((large.server_cpu_s - small.server_cpu_s) / extra * 1e6),
-    }
-    say(f"  {'':<9} -> {row['msgs_per_s']} msgs/s, {row['function_cpu_us_per_msg']} us CPU per msg")
-    return row
+# --- trace and stuck at size -------------------------------------------------------------
 
 
-def render_drain(rows: list[dict[str, Any]]) -> str:
-    out = [
-        "",
-        "one function alone, settling a backlog (marginal cost per message)",
-        f"{'impl':<10}{'function':<10}{'messages':>9}{'msgs/s':>9}{'fn CPU us':>11}"
-        f"{'server CPU us':>15}",
-    ]
-    for r in rows:
-        out.append(
-            f"{r['impl']:<10}{r['function']:<10}{r['messages']:>9}{r['msgs_per_s']:>9}"
-            f"{r['function_cpu_us_per_msg']:>11}{r['server_cpu_us_per_msg']:>15}"
-        )
-    return "\n".join(out)
+def run_history(setup: Setup, sizes: list[int]) -> list[history_mod.SizeResult]:
+    """One fresh server; ORDERS grown to each size in turn, trace and stuck timed at each."""
+    with tempfile.TemporaryDirectory(prefix="orderflow-bench-", dir=setup.store_root) as tmp:
+        server = MonitoredServer(Path(tmp) / "nats")
+        server.start()
+        try:
+            asyncio.run(provision_at(server.url, setup.topology, ROOT))
+            return asyncio.run(
+                history_mod.run(server.url, setup.topology, ROOT, server.store_dir, sizes, say)
+            )
+        finally:
+            server.stop()
 
 
 # --- the KV operations themselves -----------------------------------------------------
@@ -770,7 +820,6 @@ def render_kv(rows: list[dict[str, Any]]) -> str:
 
 def profile_run(
     setup: Setup,
-    impl: str,
     function: str,
     orders: list[tuple[str, OrderCreated]],
     seconds: int,
@@ -789,7 +838,7 @@ def profile_run(
 
     base = dict.fromkeys(setup.topology.functions, 1)
     try:
-        result = run_config(setup, impl, "saturation", base, orders, None, attach)
+        result = run_flow(setup, "saturation", base, orders, None, attach)
     finally:
         for spy in spies:
             try:
@@ -799,7 +848,7 @@ def profile_run(
                 spy.wait()
     errors = b"".join(spy.stderr.read() for spy in spies if spy.stderr).decode(errors="replace")
     summary = summarise_profile(out) if out.exists() and out.stat().st_size else {}
-    return {"impl": impl, "function": function, "seconds": seconds, "raw": str(out),
+    return {"function": function, "seconds": seconds, "raw": str(out),
             "run": asdict(result), "py_spy_stderr": errors.strip()[-500:], **summary}  # fmt: skip
 
 
@@ -821,14 +870,14 @@ def _area(frame: str) -> str:
     """Which layer a leaf frame belongs to, for a coarse 'where does the time go'."""
     if frame.startswith(_SOCKET_CALLS):
         return "socket syscalls (send, recv, epoll)"
-    for area in ("nats/", "msgspec", "orderflow/", "functions/", "bare.py", "asyncio/", "logging/"):
+    for area in ("nats/", "msgspec", "orderflow/", "functions/", "asyncio/", "logging/"):
         if area in frame:
             return area.rstrip("/")
     return "other (stdlib, interpreter)"
 
 
 def _ours(frame: str) -> bool:
-    return any(part in frame for part in ("(orderflow/", "(functions/", "(bare.py"))
+    return any(part in frame for part in ("(orderflow/", "(functions/"))
 
 
 def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
@@ -867,7 +916,7 @@ def render_profile(profile: dict[str, Any]) -> str:
     busy = profile.get("samples", 0) / (100 * profile["seconds"]) * 100
     out = [
         "",
-        f"py-spy on {profile['impl']} {profile['function']} during a saturation run: "
+        f"py-spy on {profile['function']} during a saturation run: "
         f"{profile.get('samples', 0)} non-idle samples in {profile['seconds']} s at 100 Hz "
         f"(busy {busy:.0f}% of the time); raw stacks: {profile['raw']}",
     ]
@@ -884,7 +933,7 @@ def render_profile(profile: dict[str, Any]) -> str:
 # --- the report ------------------------------------------------------------------
 
 
-def label(result: Result) -> str:
+def label(result: FlowResult) -> str:
     extra = [f"{n} x{c}" for n, c in result.replicas.items() if c > 1]
     return result.load + (f", {', '.join(extra)}" if extra else "")
 
@@ -893,145 +942,204 @@ def render_header(info: dict[str, str], settings: dict[str, Any]) -> str:
     rates = ", ".join(f"{r:g}" for r in settings["rates"])
     out = [
         f"machine   {info['nproc']} x {info['cpu']}, Linux {info['kernel']}, Python "
-        f"{info['python']}, nats-server {info['nats_server']}, nats-py {info['nats_py']}",
+        f"{info['python']}, nats-server {info['nats_server']}, nats-py {info['nats_py']}; "
+        f"load average {info['load_before']} before",
         f"runtime   orderflow at {info['runtime']}",
-        f"settings  saturation: {settings['orders']} orders, at most {PUBLISH_WINDOW} publishes "
-        f"awaiting their ack; fixed rates: {rates} orders/s for {settings['duration']:g} s each; "
-        f"{settings['warmup']} warm-up orders; a fresh nats-server per row"
-        + (f"; median of {settings['repeat']} runs per row" if settings["repeat"] > 1 else ""),
+        f"settings  chain: {settings['chain_messages']} messages, {settings['in_flight']} in "
+        f"flight, {settings['chain_workers']} fetch loops x batch {settings['chain_batch']} per "
+        f"stage; flow saturation: {settings['orders']} orders, at most {PUBLISH_WINDOW} "
+        f"publishes awaiting their ack; rates: {rates} orders/s for {settings['duration']:g} s; "
+        f"{settings['warmup']} warm-up orders; a fresh nats-server per row",
     ]
     if settings["overrides"]:
-        out.append(f"overrides {'; '.join(settings['overrides'])} (an experiment, both impls)")
+        out.append(f"overrides {'; '.join(settings['overrides'])} (an experiment)")
     return "\n".join(out)
 
 
-def render(results: list[Result], ratios: dict[str, float], busiest: dict[str, str]) -> str:
-    repeated = len(results[0].repeats_orders_per_s) > 1
-    out = [""]
-    spread = f"{'min-max':>12}" if repeated else ""
-    out += [
-        f"{'impl':<10}{'load':<22}{'orders':>7}{'orders/s':>10}{spread}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'max ms':>9}{'server CPU':>12}{'fn CPU':>9}{'machine':>9}  ok",
-        f"{'':<10}{'':<22}{'':>7}{'':>10}{' ' * len(spread)}{'':>9}{'':>9}{'':>9}"
-        f"{'s/1k ord':>12}{'s/1k':>9}{'busy %':>9}",
+def _pair(values: list[int], n: int) -> str:
+    return f"{values[0] / n:.2f} / {values[1] / n:.2f}" if n else "-"
+
+
+def render_chain(r: ChainResult) -> str:
+    n = r.messages
+    stages = [v for k, v in r.msgs_by_connection.items() if k.startswith("chain-")]
+    stage_msgs = [sum(v[0] for v in stages), sum(v[1] for v in stages)]
+    per_stage = ", ".join(f"{k} {v * 1000 / n:.2f}" for k, v in r.cpu.by_process_s.items())
+    kv = r.appended.get(f"KV_{chain.BUCKET}", 0)
+    driver = r.msgs_by_connection.get(DRIVER, [0, 0])
+    lines = [
+        "",
+        "the reference: bench/chain.py, 3 processes, 4 JetStream hops, 1 KV join (get + put)",
+        f"  messages through            {r.through} of {r.messages} in {r.elapsed_s:.2f} s: "
+        f"{r.msgs_per_s:.1f} msgs/s" + ("" if not r.failed else f"  FAILED {r.error}"),
+        f"  latency p50 / p99           {r.p50_ms:.1f} / {r.p99_ms:.1f} ms (queueing: "
+        f"{r.in_flight} in flight)",
+        f"  CPU ms per message          server {r.cpu.server_s * 1000 / n:.2f} + stages "
+        f"{r.cpu.processes_s * 1000 / n:.2f} ({per_stage}); driver "
+        f"{r.cpu.driver_s * 1000 / n:.2f}",
+        f"  msgs in / out per message   server {r.msgs_in / n:.2f} / {r.msgs_out / n:.2f}; "
+        f"stages {_pair(stage_msgs, n)}; driver {_pair(driver, n)}",
+        f"  appended per message        {chain.STREAM} {r.appended.get(chain.STREAM, 0) / n:.2f}, "
+        f"KV {kv / n:.2f}",
+        f"  machine                     busy {r.cpu.machine_busy_pct:.0f} %, other programs "
+        f"{r.cpu.machine_other_pct:.0f} %, steal {r.cpu.machine_steal_pct:.0f} %",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def render_flow(results: list[FlowResult]) -> str:
+    out = [
+        "",
+        "the flow: streams.yaml, one process per function, the demo's order mix",
+        f"{'load':<22}{'orders':>7}{'orders/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'happy p50':>11}"
+        f"{'happy p99':>11}{'CPU ms/order':>14}{'msgs/order':>13}{'KV':>6}{'busy':>6}"
+        f"{'other':>7}  ok",
+        f"{'':<22}{'':>7}{'':>10}{'':>9}{'':>9}{'ms':>11}{'ms':>11}{'server+fns':>14}"
+        f"{'in/out':>13}{'apps':>6}{'%':>6}{'%':>7}",
     ]
     for r in results:
-        if repeated:
-            low, high = min(r.repeats_orders_per_s), max(r.repeats_orders_per_s)
-            spread = f"{f'{low:.0f}-{high:.0f}':>12}"
+        n = r.orders or 1
+        happy = r.latency_by_path_ms.get("happy", {})
+        cpu = f"{r.cpu.server_s * 1000 / n:.2f}+{r.cpu.processes_s * 1000 / n:.2f}"
+        msgs = f"{r.msgs_in / n:.1f}/{r.msgs_out / n:.1f}"
         out.append(
-            f"{r.impl:<10}{label(r):<22}{r.orders:>7}{r.orders_per_s:>10.1f}{spread}"
-            f"{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.max_ms:>9.1f}{r.per_1000(r.cpu_server_s):>12.2f}"
-            f"{r.per_1000(r.cpu_functions_s):>9.2f}{r.machine_busy_pct:>9.0f}"
+            f"{label(r):<22}{r.orders:>7}{r.orders_per_s:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
+            f"{happy.get('p50', 0.0):>11.1f}{happy.get('p99', 0.0):>11.1f}{cpu:>14}{msgs:>13}"
+            f"{r.kv_appends / n:>6.2f}{r.cpu.machine_busy_pct:>6.0f}{r.cpu.machine_other_pct:>7.0f}"
             f"  {'FAIL' if r.failed else 'ok'}"
         )
-    if ratios:
-        out += ["", "framework / bare"]
-        out += [f"  {name:<46}{value:>7.2f}" for name, value in ratios.items()]
-    names = list(results[0].replicas)
+    names = list(results[0].replicas) if results else []
     out += [
         "",
-        "CPU s per 1000 orders of each function (all replicas) | mean consumer backlog, msgs",
-        f"{'impl':<10}{'load':<22}" + "".join(f"{n:>9}" for n in names) + "  |"
-        + "".join(f"{n:>9}" for n in names),
-    ]  # fmt: skip
+        "per function: CPU ms per order (all replicas) | msgs to / from the server per order "
+        "| mean consumer backlog",
+        f"{'load':<22}{'function':<10}{'CPU ms':>8}{'to / from':>16}{'backlog':>9}",
+    ]
     for r in results:
-        out.append(
-            f"{r.impl:<10}{label(r):<22}"
-            + "".join(f"{r.per_1000(r.cpu_by_function_s.get(n, 0.0)):>9.2f}" for n in names)
-            + "  |"
-            + "".join(f"{r.backlog_mean.get(n, 0.0):>9.0f}" for n in names)
-        )
-    if busiest:
-        out += ["", f"busiest function: {busiest['function']} ({busiest['why']})"]
-    disturbed = [f"{r.impl} {label(r)} ({r.machine_other_pct:.0f}%)" for r in results
-                 if r.machine_other_pct > OTHER_CPU_WARNING]  # fmt: skip
+        n = r.orders or 1
+        for name in [*names, DRIVER]:
+            used = r.cpu.by_process_s.get(name)
+            moved = r.msgs_by_connection.get(f"orderflow-{name}", r.msgs_by_connection.get(name))
+            out.append(
+                f"{label(r):<22}{name:<10}"
+                + (f"{used * 1000 / n:>8.2f}" if used is not None else f"{'':>8}")
+                + f"{_pair(moved, n) if moved else '-':>16}"
+                + (f"{r.backlog_mean[name]:>9.0f}" if name in r.backlog_mean else "")
+            )
+        stored = ", ".join(f"{k} {v / n:.2f}" for k, v in r.appended.items() if v)
+        again = f"; terminal events announced again, refused by the log: {r.announced_again}"
+        out.append(f"{'':<22}appended per order: {stored}{again}")
+    disturbed = [f"{label(r)} ({r.cpu.machine_other_pct:.0f}%)" for r in results
+                 if r.cpu.machine_other_pct > OTHER_CPU_WARNING]  # fmt: skip
     if disturbed:
         out.append(f"warning: other programs used the machine during: {', '.join(disturbed)}")
     return "\n".join(out)
 
 
-def pick_busiest(result: Result) -> tuple[str, str]:
-    """The function whose consumer had the most unfinished messages on average.
+def ratios_of(chain_result: ChainResult | None, flows: list[FlowResult]) -> dict[str, float]:
+    """The flow against the reference, from this run's rows."""
+    saturated = next(
+        (r for r in flows if r.load == "saturation" and max(r.replicas.values()) == 1), None
+    )
+    if chain_result is None or saturated is None or chain_result.failed or saturated.failed:
+        return {}
+    n, m = saturated.orders or 1, chain_result.messages or 1
+    flow_cpu = (saturated.cpu.server_s + saturated.cpu.processes_s) / n
+    chain_cpu = (chain_result.cpu.server_s + chain_result.cpu.processes_s) / m
+    ratios = {
+        "flow orders/s / chain msgs/s": saturated.orders_per_s / chain_result.msgs_per_s,
+        "CPU per order / CPU per chain message": flow_cpu / chain_cpu if chain_cpu else 0.0,
+        "server CPU per order / per chain message": (
+            (saturated.cpu.server_s / n) / (chain_result.cpu.server_s / m)
+            if chain_result.cpu.server_s
+            else 0.0
+        ),
+        "msgs into the server per order / per chain message": (
+            (saturated.msgs_in / n) / (chain_result.msgs_in / m) if chain_result.msgs_in else 0.0
+        ),
+    }
+    return {name: round(value, 3) for name, value in ratios.items()}
+
+
+def render_ratios(ratios: dict[str, float]) -> str:
+    out = ["", "flow / chain (this run)"]
+    out += [f"  {name:<52}{value:>7.3f}" for name, value in ratios.items()]
+    return "\n".join(out)
+
+
+def render_history(rows: list[history_mod.SizeResult]) -> str:
+    out = [
+        "",
+        "trace and stuck against a long history (in-process: median of "
+        f"{history_mod.TRACE_REPEAT} traces, {history_mod.STUCK_REPEAT} stucks; first call)",
+        f"{'messages':>10}{'blocks':>7}{'MB':>6}{'trace old':>16}{'middle':>16}{'recent':>16}"
+        f"{'in_flight':>11}{'stuck':>18}{'found':>6}{'CLI trace':>10}{'CLI stuck':>10}",
+        f"{'':>10}{'':>7}{'':>6}{'ms (first)':>16}{'ms (first)':>16}{'ms (first)':>16}"
+        f"{'ms':>11}{'ms (PING wait)':>18}{'':>6}{'s':>10}{'s':>10}",
+    ]
+    for r in rows:
+
+        def cell(t: history_mod.Timed | None) -> str:
+            return f"{t.median_ms:.1f} ({t.first_ms:.1f})" if t else "-"
+
+        stuck = f"{r.stuck.median_ms:.0f} ({r.stuck_ping_wait_s * 1000:.0f})" if r.stuck else "-"
+        in_flight = f"{r.in_flight.median_ms:.1f}" if r.in_flight else "-"
+        out.append(
+            f"{r.messages:>10,}{r.blocks:>7}{r.stream_bytes / 1e6:>6.0f}"
+            f"{cell(r.trace.get('old')):>16}"
+            f"{cell(r.trace.get('middle')):>16}{cell(r.trace.get('recent')):>16}{in_flight:>11}"
+            f"{stuck:>18}{r.stuck_found:>6}{r.cli_trace_s:>10.2f}{r.cli_stuck_s:>10.2f}"
+        )
+        for problem in r.problems:
+            out.append(f"  PROBLEM: {problem}")
+    return "\n".join(out)
+
+
+def pick_busiest(result: FlowResult) -> tuple[str, str]:
+    """The function whose consumers had the most unfinished messages on average.
 
     At saturation every consumer gets the whole burst at once; the one whose
     backlog stays large longest is the one the flow waits for. (The function
     using the most CPU need not be it: a function can wait on the server.)
     """
     name = max(result.backlog_mean, key=lambda n: result.backlog_mean[n])
-    cpu = max(result.cpu_by_function_s, key=lambda n: result.cpu_by_function_s[n])
+    by_cpu = result.cpu.by_process_s
+    cpu = max(by_cpu, key=lambda n: by_cpu[n])
     return name, (
-        f"largest mean consumer backlog at framework saturation, {result.backlog_mean[name]:.0f} "
-        f"msgs; most CPU: {cpu}, {result.per_1000(result.cpu_by_function_s[cpu]):.2f} s/1k orders"
+        f"largest mean consumer backlog at saturation, {result.backlog_mean[name]:.0f} msgs; "
+        f"most CPU: {cpu}, {result.per_order(by_cpu[cpu]) * 1000:.2f} ms per order"
     )
 
 
-def ratios_of(results: list[Result], rates: list[float], busiest: str) -> dict[str, float]:
-    def pair(load: str, scaled: bool) -> tuple[Result, Result] | None:
-        found = {
-            r.impl: r
-            for r in results
-            if r.load == load and (max(r.replicas.values()) > 1) == scaled and not r.failed
-        }
-        return (found["framework"], found["bare"]) if len(found) == 2 else None
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else 0.0
-
-    ratios: dict[str, float] = {}
-    if base := pair("saturation", False):
-        fw, bare = base
-        ratios["throughput at saturation"] = ratio(fw.orders_per_s, bare.orders_per_s)
-        ratios["server CPU per order at saturation"] = ratio(fw.cpu_server_s, bare.cpu_server_s)
-        ratios["function CPU per order at saturation"] = ratio(
-            fw.cpu_functions_s, bare.cpu_functions_s
-        )
-    for rate in rates:
-        if at_rate := pair(f"{rate:g}/s", False):
-            fw, bare = at_rate
-            ratios[f"p50 latency at {rate:g}/s"] = ratio(fw.p50_ms, bare.p50_ms)
-            ratios[f"p99 latency at {rate:g}/s"] = ratio(fw.p99_ms, bare.p99_ms)
-    if scaled := pair("saturation", True):
-        fw2, bare2 = scaled
-        ratios[f"throughput at saturation, {busiest} x2+"] = ratio(
-            fw2.orders_per_s, bare2.orders_per_s
-        )
-        if base:
-            ratios[f"framework gain from more {busiest}"] = ratio(
-                fw2.orders_per_s, base[0].orders_per_s
-            )
-            ratios[f"bare gain from more {busiest}"] = ratio(
-                bare2.orders_per_s, base[1].orders_per_s
-            )
-    return {name: round(value, 3) for name, value in ratios.items()}
-
-
 # --- the command line ------------------------------------------------------------
+
+RUNS = ("chain", "saturation", "rates", "replicas", "history", "kv")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add = p.add_argument
+    add("--runs", default="chain,saturation,rates",
+        help=f"which runs, of {', '.join(RUNS)} (default chain,saturation,rates)")  # fmt: skip
     add("--orders", type=int, default=800, help="orders per saturation run (default 800)")
-    add("--rates", default="100,500", help="fixed offered rates, orders/s (default 100,500)")
-    add("--duration", type=float, default=1.5, help="seconds each rate is offered (default 1.5)")
-    add("--warmup", type=int, default=40, help="unmeasured orders before each run")
+    add("--rates", default="100", help="offered rates, orders/s (default 100)")
+    add("--duration", type=float, default=5.0, help="seconds each rate is offered (default 5)")
+    add("--warmup", type=int, default=40, help="unmeasured orders before each flow run")
+    add("--chain-messages", type=int, default=10_000, help="messages through the chain")
+    add("--in-flight", type=int, default=512, help="messages in the chain at once (default 512)")
+    add("--chain-workers", type=int, default=chain.WORKERS, help="fetch loops per chain stage")
+    add("--chain-batch", type=int, default=chain.BATCH, help="batch of each fetch")
+    add("--history-sizes", default="10000,100000,1000000",
+        help="messages in ORDERS at which trace and stuck are timed")  # fmt: skip
     add("--replicas", type=int, default=2, help="replicas of the busiest function (default 2)")
     add("--busiest", help="the function to replicate (default: found at saturation)")
-    add("--runs", default="saturation,rates,replicas",
-        help="which runs: saturation, rates, replicas (the default); drain, kv")  # fmt: skip
-    add("--drain-functions", default="delivery,order", help="functions for the drain runs")
-    add("--drain-orders", type=int, default=3000, help="orders' worth of input per drain run")
-    add("--impls", default="framework,bare", help="which implementations (default both)")
-    add("--repeat", type=int, default=1, help="runs per row; the row shows the median")
     add("--seed", type=int, default=42, help="seed of the order mix")
     add("--timeout", type=float, default=180.0, help="seconds to wait for a run's last order")
     add("--json", action="store_true", help="print one JSON object instead of the tables")
     add("--profile", action="store_true",
         help="after the runs, py-spy the busiest function during a saturation run")  # fmt: skip
     add("--profile-function", help="profile this function instead of the busiest")
-    add("--profile-impl", default="framework", choices=["framework", "bare"])
     add("--profile-seconds", type=int, default=8, help="how long py-spy records (default 8)")
     add("--profile-orders", type=int, default=2000,
         help="orders in the profiled run (default 2000: busy while py-spy records)")  # fmt: skip
@@ -1073,15 +1181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     runs = {r.strip() for r in args.runs.split(",") if r.strip()}
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    drained_functions = [f.strip() for f in args.drain_functions.split(",") if f.strip()]
-    if (
-        not runs <= {"saturation", "rates", "replicas", "drain", "kv"}
-        or not set(impls) <= {"framework", "bare"}
-        or not set(drained_functions) <= set(DRAIN_INPUTS)
-    ):
-        raise SystemExit("--runs takes saturation, rates, replicas, drain, kv; --impls framework, "
-                         f"bare; --drain-functions {', '.join(DRAIN_INPUTS)}")  # fmt: skip
+    sizes = [int(s) for s in args.history_sizes.split(",") if s.strip()]
+    if not runs <= set(RUNS):
+        raise SystemExit(f"--runs takes {', '.join(RUNS)}")
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)  # unwinds through every finally: processes get stopped
@@ -1090,31 +1192,36 @@ def main(argv: list[str] | None = None) -> int:
     topology, overrides = apply_overrides(
         config_mod.load(CONFIG), args.concurrency, args.memory_bucket
     )
-    setup = Setup(
-        topology, bool(overrides), args.warmup, args.timeout, args.repeat, args.store_root
-    )
+    setup = Setup(topology, bool(overrides), args.warmup, args.timeout, args.store_root)
     base = dict.fromkeys(topology.functions, 1)
     info = machine()
-    settings = {"orders": args.orders, "rates": rates, "duration": args.duration,
-                "warmup": args.warmup, "seed": args.seed, "repeat": args.repeat,
-                "overrides": overrides}  # fmt: skip
     if args.store_root:
         overrides.append(f"stores under {args.store_root}")
+    settings = {"orders": args.orders, "rates": rates, "duration": args.duration,
+                "warmup": args.warmup, "seed": args.seed, "overrides": overrides,
+                "chain_messages": args.chain_messages, "in_flight": args.in_flight,
+                "chain_workers": args.chain_workers, "chain_batch": args.chain_batch,
+                "history_sizes": sizes}  # fmt: skip
     if not args.json:
         say(f"machine: {json.dumps(info)}")
     # The same orders, ids included, go through every configuration.
     orders = make_orders(args.orders, run_id="bench", seed=args.seed)
 
-    results: list[Result] = []
+    chain_result = None
+    if "chain" in runs:
+        chain_result = run_chain(
+            setup, args.chain_messages, args.in_flight, args.chain_workers, args.chain_batch
+        )
+    flows: list[FlowResult] = []
     if "saturation" in runs:
-        results += run_rows(setup, impls, "saturation", base, orders, None)
+        flows.append(run_flow(setup, "saturation", base, orders, None))
     if "rates" in runs:
         for rate in rates:
             offered = make_orders(max(1, round(rate * args.duration)), "bench", args.seed)
-            results += run_rows(setup, impls, f"{rate:g}/s", base, offered, rate)
+            flows.append(run_flow(setup, f"{rate:g}/s", base, offered, rate))
 
     busiest_info: dict[str, str] = {}
-    measured = [r for r in results if r.load == "saturation" and not r.failed]
+    measured = [r for r in flows if r.load == "saturation" and not r.failed]
     if args.busiest:
         busiest_info = {"function": args.busiest, "why": "chosen with --busiest"}
     elif measured:
@@ -1125,14 +1232,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("replicas: no saturation run to find the busiest function; "
                              "give --busiest FUNCTION")  # fmt: skip
         scaled = {**base, busiest_info["function"]: args.replicas}
-        results += run_rows(setup, impls, "saturation", scaled, orders, None)
+        flows.append(run_flow(setup, "saturation", scaled, orders, None))
 
+    sized = run_history(setup, sizes) if "history" in runs else []
     kv = kv_run(setup) if "kv" in runs else []
-    drained = []
-    if "drain" in runs:
-        for function in drained_functions:
-            for impl in impls:
-                drained.append(drain(setup, impl, function, args.drain_orders))
 
     profile = None
     if args.profile:
@@ -1141,27 +1244,39 @@ def main(argv: list[str] | None = None) -> int:
             known = ", ".join(topology.functions)
             raise SystemExit(f"--profile: give --profile-function ({known}) or run saturation")
         out = args.profile_out or Path(tempfile.gettempdir()) / f"pyspy-{target}.txt"
-        say(f"profiling {args.profile_impl} {target} with py-spy -> {out}")
+        say(f"profiling {target} with py-spy -> {out}")
         profiled = make_orders(args.profile_orders, run_id="bench", seed=args.seed)
-        profile = profile_run(setup, args.profile_impl, target, profiled, args.profile_seconds, out)
+        profile = profile_run(setup, target, profiled, args.profile_seconds, out)
 
-    ratios = ratios_of(results, rates, busiest_info.get("function", "?"))
+    ratios = ratios_of(chain_result, flows)
+    info["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     if args.json:
         print(json.dumps({"machine": info, "settings": settings,
-                          "results": [asdict(r) for r in results],
-                          "ratios_framework_over_bare": ratios, "busiest": busiest_info,
-                          "drain": drained, "kv": kv, "profile": profile}))  # fmt: skip
+                          "chain": asdict(chain_result) if chain_result else None,
+                          "flow": [asdict(r) for r in flows], "ratios_flow_over_chain": ratios,
+                          "busiest": busiest_info, "history": [asdict(r) for r in sized],
+                          "kv": kv, "profile": profile}))  # fmt: skip
     else:
         print(render_header(info, settings))
-        if results:
-            print(render(results, ratios, busiest_info))
-        if drained:
-            print(render_drain(drained))
+        if chain_result is not None:
+            print(render_chain(chain_result))
+        if flows:
+            print(render_flow(flows))
+        if busiest_info:
+            print(f"\nbusiest function: {busiest_info['function']} ({busiest_info['why']})")
+        if ratios:
+            print(render_ratios(ratios))
+        if sized:
+            print(render_history(sized))
         if kv:
             print(render_kv(kv))
         if profile is not None:
             print(render_profile(profile))
-    failed = [f"{r.impl} {label(r)}" for r in results if r.failed]
+        print(f"\nload average after: {info['load_after']}")
+    failed = [label(r) for r in flows if r.failed]
+    if chain_result is not None and chain_result.failed:
+        failed.append("chain")
+    failed += [f"history {r.messages}" for r in sized if r.problems]
     if failed:
         say(f"FAILED (unfinished, wrong or doubled outcomes, a dead process): {', '.join(failed)}")
         return 1

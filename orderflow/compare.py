@@ -46,19 +46,19 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from functions.events import TERMINAL_SUBJECTS, OrderCreated
+from functions.events import EVENT_TYPES, TERMINAL_SUBJECTS, Command, OrderCreated
 from orderflow import config as config_mod
-from orderflow import demo
+from orderflow import demo, subjects
 from orderflow import trace as trace_mod
-from orderflow.config import MODES, Topology, subject_matches
+from orderflow.config import MODES, Topology
 from orderflow.connect import connect
-from orderflow.context import CORRELATION_ID, FUNCTION
+from orderflow.context import FUNCTION
 from orderflow.cpu import CLOCK_TICKS, cpu_model, cpu_seconds, machine_ticks
 from orderflow.kv import stream_name
 from orderflow.provision import provision_at
 from orderflow.replay import wait_until_quiet
 from orderflow.server import EmbeddedServer
-from orderflow.streamlog import read_stream
+from orderflow.streamlog import Stored, read_stream, read_subject
 from orderflow.supervisor import Supervisor
 
 #: The step a new one is modelled on when counting who would have to change:
@@ -66,8 +66,14 @@ from orderflow.supervisor import Supervisor
 MODEL_STEP = "stock"
 
 #: What the business does for an order (not a command, alarm or announcement):
-#: an event of one of these means the order moved while something was down.
+#: an event of one of these kinds means the order moved while something was down.
 WORK_PREFIXES = ("payments.", "stock.", "delivery.")
+
+
+def is_command(kind: str) -> bool:
+    """An orchestrator's command (``saga.payment.charge``), not an event of the business."""
+    cls = EVENT_TYPES.get(kind)
+    return cls is not None and issubclass(cls, Command)
 
 
 @dataclass
@@ -154,7 +160,7 @@ class Outage:
     waited: int  # finished only after the restart
     stranded: int  # messages delivered to the killed process, unacked: back after ack_wait
     unfinished: int
-    duplicates: int  # terminal events beyond the first, per order
+    duplicates: int  # terminal events stored beyond the first, per order
     recovery_s: float  # restart -> the last affected order finished
     max_latency_s: float
 
@@ -189,6 +195,8 @@ class ModeResult:
     hops_happy: float = 0.0  # causal chain orders.created -> orders.completed, median
     hops_cancelled: float = 0.0
     appended_per_order: dict[str, float] = field(default_factory=dict)  # stream -> msgs
+    # The streams by role, as the table shows them: events, timers, retries, dead letters.
+    stream_roles: list[str] = field(default_factory=list)
     events_per_order: float = 0.0  # ORDERS entries of the order that are not commands
     commands_per_order: float = 0.0
     state_writes_per_order: float = 0.0  # appended to the KV streams, all buckets
@@ -279,8 +287,25 @@ async def _publish_paced(
         if delay > 0:
             await asyncio.sleep(delay)
         tally.published[order.order_id] = time.monotonic()
-        sent.append(asyncio.create_task(js.publish("orders.created", demo.payload(order))))
+        sent.append(asyncio.create_task(js.publish(subjects.INGRESS, demo.payload(order))))
     await asyncio.gather(*sent)
+
+
+async def _duplicates(nc: Client, topology: Topology, order_ids: Iterable[str]) -> int:
+    """Terminal events the log holds beyond the first of each order.
+
+    Counted in the log, not among the messages a subscriber saw: a repeated
+    announcement (a redelivery, both halves of a join deciding) reaches core
+    subscribers even though the stream refuses to store it a second time.
+    """
+    extra = 0
+    for order_id in order_ids:
+        stored = 0
+        for kind in sorted(TERMINAL_SUBJECTS):
+            filter_ = subjects.subject(kind, order_id)
+            stored += len(await read_subject(nc, topology.events_stream, filter_))
+        extra += max(0, stored - 1)
+    return extra
 
 
 async def _wait_finished(tally: demo.Tally, timeout: float) -> None:
@@ -300,13 +325,13 @@ async def _paced(
 
 def _hops(steps: list[trace_mod.Step]) -> int:
     """Events on the causal chain from ``orders.created`` to the order's terminal event."""
-    by_subject: dict[str, trace_mod.Step] = {}
+    by_kind: dict[str, trace_mod.Step] = {}
     for step in steps:
-        by_subject.setdefault(step.subject, step)
-    end = next((s for s in steps if s.subject in TERMINAL_SUBJECTS), None)
+        by_kind.setdefault(step.kind, step)
+    end = next((s for s in steps if s.kind in TERMINAL_SUBJECTS), None)
     hops = 0
     while end is not None and end.caused_by is not None and hops < len(steps):
-        end, hops = by_subject.get(end.caused_by), hops + 1
+        end, hops = by_kind.get(end.caused_by), hops + 1
     return hops
 
 
@@ -325,21 +350,15 @@ async def _explain(
 ) -> None:
     """What it takes to explain each order: log entries, streams, functions, state, hops."""
     ids = set(paths)
+    # Each order's events, timers, retries and dead letters: filtered reads by its id.
     traces = await trace_mod.load(nc, topology, ids)
-    # Streams trace does not read (the orchestrator's timers): the entries of the order
-    # that some function consumed (a fired alarm). Pending alarms and their withdrawals
-    # are rolled up and expire, so they explain nothing afterwards.
-    read_by_trace = {"ORDERS", topology.dead_letters.stream}
-    if topology.retry_log:
-        read_by_trace.add(topology.retry_log.stream)
-    inputs = {s for fn in topology.functions.values() for c in fn.consumers for s in c.events}
-    others: dict[str, Counter[str]] = defaultdict(Counter)
-    for spec in topology.streams:
-        if spec.name not in read_by_trace:
-            for stored in await read_stream(nc, spec.name):
-                order_id = stored.headers.get(CORRELATION_ID)
-                if order_id in ids and any(subject_matches(f, stored.subject) for f in inputs):
-                    others[order_id][spec.name] += 1
+    events_stream = topology.events_stream
+    # Of the order's entries in other streams (the orchestrator's timers), only those
+    # some function consumed (a fired alarm) explain it. Pending alarms and their
+    # withdrawals are rolled up and expire, so they explain nothing afterwards.
+    inputs = {k for fn in topology.functions.values() for c in fn.consumers for k in c.events}
+    # KV keys name an order inside a token (charge.charge-<ID>), which no subject
+    # filter selects: each bucket is read once, for all the orders.
     records: dict[str, set[str]] = defaultdict(set)
     buckets_used: set[str] = set()
     for bucket in topology.buckets:
@@ -357,25 +376,29 @@ async def _explain(
     hops_happy: list[int] = []
     hops_cancelled: list[int] = []
     for order_id, t in traces.items():
-        entries[order_id] = (
-            len(t.steps) + len(t.retries) + len(t.dead_letters) + sum(others[order_id].values())
+        own = [s for s in t.steps if topology.stream_of(s.subject) == events_stream]
+        others = Counter(
+            stream
+            for s in t.steps
+            if (stream := topology.stream_of(s.subject)) != events_stream and s.kind in inputs
         )
-        touched = {"ORDERS"} | set(others[order_id])
+        entries[order_id] = len(own) + len(t.retries) + len(t.dead_letters) + others.total()
+        touched = {events_stream} | set(others)
         if t.retries and topology.retry_log:
             touched.add(topology.retry_log.stream)
         if t.dead_letters:
             touched.add(topology.dead_letters.stream)
         streams.append(len(touched))
         functions.append(
-            len({s.by for s in t.steps if s.by != "client"} | {a.function for a in t.retries})
+            len({s.by for s in own if s.by != "client"} | {a.function for a in t.retries})
         )
-        saga = sum(s.subject.startswith("saga.") for s in t.steps)
+        saga = sum(is_command(s.kind) for s in own)
         commands.append(saga)
-        events.append(len(t.steps) - saga)
+        events.append(len(own) - saga)
         (hops_happy if t.outcome == "completed" else hops_cancelled).append(_hops(t.steps))
         if t.outcome:
             result.outcomes[order_id] = t.outcome
-            end = next(s for s in t.steps if s.subject in TERMINAL_SUBJECTS)
+            end = next(s for s in t.steps if s.kind in TERMINAL_SUBJECTS)
             if isinstance(end.payload, dict) and end.payload.get("reason"):
                 result.reasons[order_id] = str(end.payload["reason"])
     n = max(len(traces), 1)
@@ -406,7 +429,6 @@ async def _outage(
     """Steady orders; SIGKILL ``function`` after ``lead_s``, start it ``outage_s`` later."""
     tally = demo.Tally(expected=len(orders))
     js = nc.jetstream()
-    first_seq = (await js.stream_info("ORDERS")).state.last_seq + 1
     count = sum(1 for c in supervisor.children if c.function == function)
     consumers = topology.functions[function].consumers
     async with tally.listening(nc):
@@ -448,16 +470,19 @@ async def _outage(
     affected = unfinished_at_kill | published_while_down
     done_down = {o for o in affected if o in tally.finished and tally.finished[o][1] < restarted}
     waited = {o for o in affected if o in tally.finished and o not in done_down}
+
     # Which of the rest moved while it was down: some function's work stored meanwhile.
-    moved = set()
-    for stored in await read_stream(nc, "ORDERS", from_seq=first_seq):
-        order_id = stored.headers.get(CORRELATION_ID)
-        if (
-            order_id in affected
-            and stored.subject.startswith(WORK_PREFIXES)
+    def worked(stored: Stored) -> bool:
+        return (
+            stored.kind.startswith(WORK_PREFIXES)
             and stored.headers.get(FUNCTION) != function
             and killed_wall <= stored.time < restarted_wall
-        ):
+        )
+
+    moved = set()
+    for order_id in sorted(affected - done_down):
+        history = await read_subject(nc, topology.events_stream, subjects.of_order(order_id))
+        if any(worked(stored) for stored in history):
             moved.add(order_id)
     latencies = tally.latencies_ms()
     return Outage(
@@ -471,7 +496,7 @@ async def _outage(
         waited=len(waited),
         stranded=stranded,
         unfinished=len(affected - set(tally.finished)),
-        duplicates=tally.duplicates,
+        duplicates=await _duplicates(nc, topology, tally.finished),
         recovery_s=round(
             max((tally.finished[o][1] for o in waited), default=restarted) - restarted, 2
         ),
@@ -514,7 +539,9 @@ async def _measure(
         result.completed = int(_number(summary, "completed"))
         result.cancelled = int(_number(summary, "cancelled"))
         result.unfinished = int(_number(summary, "unfinished"))
-        result.duplicate_terminal_events = int(_number(summary, "duplicate_terminal_events"))
+        result.duplicate_terminal_events = await _duplicates(
+            nc, topology, (o.order_id for _, o in mixed)
+        )
         result.orders_per_s = _number(summary, "orders_per_s")
         result.p50_ms = _number(summary, "p50_ms")
         result.p99_ms = _number(summary, "p99_ms")
@@ -599,6 +626,9 @@ def run_mode(
         finally:
             server.stop()
     result.coupling = coupling(topology)
+    roles = [topology.events_stream, topology.timers_stream]
+    roles.append(topology.retry_log.stream if topology.retry_log else None)
+    result.stream_roles = [n for n in roles if n is not None] + [topology.dead_letters.stream]
     return result
 
 
@@ -777,8 +807,10 @@ def rows(comparison: Comparison) -> list[tuple[str, ...]]:
 
     def streams(m: ModeResult) -> str:
         a = m.appended_per_order
-        names = ["ORDERS", "TIMERS", "RETRIES", "DEAD_LETTERS"]
-        return " / ".join(f"{a.get(n, 0.0):g}" for n in names)
+        return " / ".join(f"{a.get(n, 0.0):g}" for n in c.stream_roles)
+
+    dead_letters = c.stream_roles[-1] if c.stream_roles else ""
+    stream_names = "/".join("DLQ" if n == dead_letters else n for n in c.stream_roles)
 
     def subjects(m: ModeResult) -> str:
         assert m.coupling is not None
@@ -808,7 +840,7 @@ def rows(comparison: Comparison) -> list[tuple[str, ...]]:
          *both(lambda m: f"{m.hops_happy:g} / {m.hops_cancelled:g}"), "median"),
         ("events + commands per order", *both(
             lambda m: f"{m.events_per_order:g} + {m.commands_per_order:g}"), ""),
-        ("appended/order ORDERS/TIMERS/RETRIES/DLQ", *both(streams), ""),
+        (f"appended/order {stream_names}", *both(streams), ""),
         ("state writes per order (KV appends)", *both(lambda m: m.state_writes_per_order),
          _ratio(c.state_writes_per_order, o.state_writes_per_order)),
         ("consumer deliveries per order", *both(lambda m: m.deliveries_per_order),

@@ -8,16 +8,16 @@ from typing import Any
 
 import yaml
 
-from orderflow import compare
+from orderflow import compare, config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "streams.yaml"
 
 
 def expected_coupling(functions: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
-    """Straight from the YAML: subjects each function knows, and who reads stock's outcomes."""
+    """Straight from the YAML: event kinds each function knows, and who reads stock's outcomes."""
     consumes = {
-        name: {s for c in fn["consumers"] for s in c["filter_subjects"]}
+        name: {kind for c in fn["consumers"] for kind in c["events"]}
         for name, fn in functions.items()
     }
     known = {name: len(consumes[name] | set(fn["emits"])) for name, fn in functions.items()}
@@ -56,7 +56,8 @@ def test_compare_both_modes() -> None:
 
     # The orchestrator's commands are extra messages: more in ORDERS per order.
     assert chor.commands_per_order == 0 < orch.commands_per_order
-    assert orch.appended_per_order["ORDERS"] > chor.appended_per_order["ORDERS"]
+    events = config.load(CONFIG).events_stream
+    assert orch.appended_per_order[events] > chor.appended_per_order[events]
     assert orch.hops_happy > chor.hops_happy
 
     # Coupling is what streams.yaml says.
