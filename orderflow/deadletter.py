@@ -47,7 +47,10 @@ class DeadLetters:
 
     async def add(self, msg: Msg, reason: str) -> None:
         meta = msg.metadata
-        headers = {key: value for key, value in (msg.headers or {}).items() if key != "Nats-Msg-Id"}
+        # The original's own headers, but none that tells JetStream what to do
+        # with a publish (Nats-Msg-Id, Nats-Expected-Last-Subject-Sequence...):
+        # they were meant for the original's subject, not for this one.
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         headers.update(
             {
                 "Nats-Msg-Id": f"dlq:{self.function}:{meta.stream}:{meta.sequence.stream}",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from functions.events import TERMINAL_SUBJECTS, OrderCreated, OrderItem
 from orderflow import subjects
@@ -107,9 +108,20 @@ class Tally:
 
     @contextlib.asynccontextmanager
     async def listening(self, nc: Client) -> AsyncIterator[Tally]:
-        """Counting every terminal event while inside."""
+        """Counting every terminal event the log stores while inside.
+
+        From the stream, not a core subscription: two functions may both
+        announce an order's end (a join's halves, a redelivery), and a core
+        subscriber sees every announcement, the log only the first.
+        """
+        js = nc.jetstream()
         subs = [
-            await nc.subscribe(subjects.subject(kind, "*"), cb=self.on_terminal)
+            await js.subscribe(
+                subjects.subject(kind, "*"),
+                cb=self.on_terminal,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+            )
             for kind in sorted(TERMINAL_SUBJECTS)
         ]
         try:

@@ -52,9 +52,7 @@ class DeadLetter:
 
     def original_headers(self) -> dict[str, str]:
         return {
-            k: v
-            for k, v in self.headers.items()
-            if not k.startswith("Orderflow-Dlq-") and k != "Nats-Msg-Id"
+            k: v for k, v in self.headers.items() if not k.startswith(("Orderflow-Dlq-", "Nats-"))
         }
 
     def as_json(self) -> dict[str, object]:

@@ -9,6 +9,7 @@ letters from the dead-letter stream; sizes from the streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -29,14 +30,20 @@ COUNTERS = ("processed", "failed", "retried", "dead_lettered")
 async def ask_all(nc: Client, subject: str, wait: float = 0.3) -> list[dict[str, Any]]:
     """Every answer to ``subject`` within ``wait`` seconds (micro discovery is scatter-gather)."""
     answers: list[dict[str, Any]] = []
+    nobody = asyncio.Event()
 
     async def collect(msg: Msg) -> None:
+        if not msg.data:
+            # The server's "no responders" (503): nobody is there to answer.
+            nobody.set()
+            return
         answers.append(json.loads(msg.data))
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=collect)
-    await nc.publish(subject, b"", reply=inbox)
-    await asyncio.sleep(wait)
+    await nc.publish(subject, b"", reply=inbox, headers={})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(nobody.wait(), wait)
     await sub.unsubscribe()
     return answers
 

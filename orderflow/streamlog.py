@@ -104,7 +104,7 @@ async def read_stream(
 # server's subject index finds them directly: a batch direct get of the
 # filter returns just those messages, however long the stream. Two requests:
 # the first returns the first match and says how many more there are, the
-# second asks for exactly that many. Asking for more than there are would
+# second asks for exactly all of them. Asking for more than there are would
 # make the server look past the last match, through every later block of a
 # large stream, to be sure there is none.
 
@@ -165,17 +165,21 @@ async def read_subject(
     )
     if not first or not pending:
         return first
-    rest, _ = await _direct_batch(
+    # From the same start again, for exactly as many: a start at the stream's
+    # first sequence lets the server count the matches from its subject index;
+    # a start past the first match made it walk every block after it (on a
+    # cold 1M-message stream, 400 ms instead of 20, bench/README.md).
+    every, _ = await _direct_batch(
         nc,
         stream,
         {
-            "seq": first[-1].sequence + 1,
+            "seq": from_seq,
             "next_by_subj": subject_filter,
-            "batch": min(pending, MAX_PER_FILTER),
+            "batch": min(1 + pending, MAX_PER_FILTER),
         },
         timeout,
     )
-    return first + rest
+    return every
 
 
 async def read_at(nc: Client, stream: str, sequence: int, timeout: float = 5.0) -> Stored | None:

@@ -32,10 +32,21 @@ def test_streams_yaml_loads() -> None:
     assert topology.stream("ORDERS").subjects
     for fn in topology.functions.values():
         assert all(c.stream == "ORDERS" for c in fn.consumers)
-    assert topology.functions["stock"].consumers[0].events == [
-        "orders.created",
-        "payments.failed",
+    # streams.yaml's one consumer of stock, one server-side consumer per subject.
+    assert [
+        (c.durable, c.events, c.filter_subject) for c in topology.functions["stock"].consumers
+    ] == [
+        ("stock-orders-created", ["orders.created"], "orders.created"),
+        ("stock-orders-created-by-id", ["orders.created"], "order.*.orders.created"),
+        ("stock-payments-failed", ["payments.failed"], "order.*.payments.failed"),
     ]
+
+
+def test_filter_subject_is_the_runners_to_set(tmp_path: Path) -> None:
+    message = load_error(
+        variant(tmp_path, "durable: stock\n", "durable: stock\n        filter_subject: x\n")
+    )
+    assert "functions.stock.consumers[0].filter_subject: set by the runner" in message
 
 
 def test_unknown_key_is_named_with_its_path(tmp_path: Path) -> None:

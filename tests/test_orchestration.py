@@ -205,14 +205,19 @@ async def test_switching_modes_waits_for_orders_in_flight(
     await provisioned.publish("orders.created", msgspec.json.encode(first))
     await provisioned.flush()
     # Nothing runs yet: choreography's consumers hold the order, so no switch.
-    with pytest.raises(ModeSwitchRefused, match="payment of the choreography wiring"):
+    with pytest.raises(
+        ModeSwitchRefused, match="payment-orders-created of the choreography wiring"
+    ):
         await provision(provisioned, orchestration, ROOT)
     flow = await start_flow()
     await flow.wait_finished([first.order_id])
     await flow.wait_quiet()
     await flow.stop()
     report = await provision(provisioned, orchestration, ROOT)
-    assert "consumer ORDERS/order: removed (not in the orchestration wiring)" in report.lines
+    assert (
+        "consumer ORDERS/order-delivery-scheduled: removed (not in the orchestration wiring)"
+        in (report.lines)
+    )
     flow = await start_flow(mode="orchestration")
     second = order("switch-2")
     await flow.publish(second)
