@@ -21,9 +21,9 @@ by hand, against a running server:
     python bench/chain.py stage a nats://127.0.0.1:4222 &   # and b, c
     python bench/chain.py drive nats://127.0.0.1:4222 --messages 20000
 
-``drive`` creates the stream, the bucket and the consumers if they are not
-there (``setup``) and prints one JSON line: messages through per second and
-latency percentiles.
+Each stage and the driver first create the stream, the bucket and the
+consumers if they are not there (``setup``); ``drive`` prints one JSON line:
+messages through per second and latency percentiles.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ async def stage(name: str, url: str, workers: int, batch: int) -> None:
     source, target = STAGES[name]
     nc = await nats.connect(url, name=f"chain-{name}")
     js = nc.jetstream()
+    await setup(js)
     kv = await js.key_value(BUCKET) if name == JOIN_STAGE else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

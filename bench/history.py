@@ -35,7 +35,7 @@ Unfinished orders, the ones ``stuck`` must find:
   through the position its reactions name, so ``stuck`` leaves it out.)
 
 At each size: ``trace.load`` of one order (the oldest complete one, one at
-60 % of the stream, the newest complete one) and ``trace.stuck`` (older than
+55 % of the stream, the newest complete one) and ``trace.stuck`` (older than
 0 s), in-process on one connection, several times each (the median and the
 first, cold, call); and each CLI command once (``runner.py trace`` and
 ``runner.py stuck``, a new process: interpreter start included).
@@ -100,7 +100,11 @@ RECENT_MESSAGES = 2
 TRACE_REPEAT = 9
 STUCK_REPEAT = 5
 #: Where in the stream the "middle" order is, as a fraction of its sequences.
-MIDDLE = 0.6
+MIDDLE = 0.55
+#: How long a message block's subject index stays in the server's memory unused
+#: (nats-server's defaultFssExpiration, 2 min), and a margin: after this long
+#: idle, a trace reads a history nobody touched lately (``cold``).
+COLD_WAIT_S = 135.0
 #: How long status.ask_all waits for answers (its default).
 PING_WAIT: float = inspect.signature(status_mod.ask_all).parameters["wait"].default
 
@@ -346,6 +350,8 @@ class SizeResult:
     generate_s: float  # to append this size's messages
     generate_msgs_per_s: float
     trace: dict[str, Timed] = field(default_factory=dict)  # old / middle / recent
+    # One trace of each after COLD_WAIT_S idle (recent, then old, then middle).
+    trace_cold_ms: dict[str, float] = field(default_factory=dict)
     trace_sequence: dict[str, int] = field(default_factory=dict)  # where each traced order starts
     stuck: Timed | None = None
     stuck_found: int = 0
@@ -380,7 +386,13 @@ def _cli(url: str, root: Path, *args: str) -> tuple[float, str]:
 
 
 async def measure_size(
-    gen: Generator, url: str, root: Path, store_dir: Path, target: int, say: Callable[[str], None]
+    gen: Generator,
+    url: str,
+    root: Path,
+    store_dir: Path,
+    target: int,
+    say: Callable[[str], None],
+    cold: bool = False,
 ) -> SizeResult:
     """Grow ORDERS to about ``target`` messages, then time trace and stuck."""
     started = time.perf_counter()
@@ -417,6 +429,13 @@ async def measure_size(
         "middle": min(gen.complete, key=lambda c: abs(c[1] - middle_at)),
         "recent": gen.complete[-1],
     }
+    if cold:
+        say(f"    idle {COLD_WAIT_S:g} s, then one cold trace each ...")
+        await asyncio.sleep(COLD_WAIT_S)
+        for name in ("recent", "old", "middle"):
+            started = time.perf_counter()
+            await trace_mod.load(nc, topology, [picks[name][0]])
+            result.trace_cold_ms[name] = round((time.perf_counter() - started) * 1000, 1)
     for name, (oid, seq) in picks.items():
 
         async def one(oid: str = oid) -> object:
@@ -468,6 +487,7 @@ async def run(
     store_dir: Path,
     sizes: list[int],
     say: Callable[[str], None],
+    cold: bool = False,
 ) -> list[SizeResult]:
     """One server, its ORDERS grown to each size in turn (no function running)."""
     from orderflow.connect import connect
@@ -478,7 +498,7 @@ async def run(
         results = []
         for size in sorted(sizes):
             say(f"  history: growing {topology.events_stream} to {size:,} messages ...")
-            results.append(await measure_size(gen, url, root, store_dir, size, say))
+            results.append(await measure_size(gen, url, root, store_dir, size, say, cold))
         return results
     finally:
         await nc.close()

@@ -712,7 +712,7 @@ def run_chain(setup: Setup, messages: int, in_flight: int, workers: int, batch: 
 # --- trace and stuck at size -------------------------------------------------------------
 
 
-def run_history(setup: Setup, sizes: list[int]) -> list[history_mod.SizeResult]:
+def run_history(setup: Setup, sizes: list[int], cold: bool) -> list[history_mod.SizeResult]:
     """One fresh server; ORDERS grown to each size in turn, trace and stuck timed at each."""
     with tempfile.TemporaryDirectory(prefix="orderflow-bench-", dir=setup.store_root) as tmp:
         server = MonitoredServer(Path(tmp) / "nats")
@@ -720,7 +720,9 @@ def run_history(setup: Setup, sizes: list[int]) -> list[history_mod.SizeResult]:
         try:
             asyncio.run(provision_at(server.url, setup.topology, ROOT))
             return asyncio.run(
-                history_mod.run(server.url, setup.topology, ROOT, server.store_dir, sizes, say)
+                history_mod.run(
+                    server.url, setup.topology, ROOT, server.store_dir, sizes, say, cold
+                )
             )
         finally:
             server.stop()
@@ -1090,6 +1092,10 @@ def render_history(rows: list[history_mod.SizeResult]) -> str:
             f"{cell(r.trace.get('middle')):>16}{cell(r.trace.get('recent')):>16}{in_flight:>11}"
             f"{stuck:>18}{r.stuck_found:>6}{r.cli_trace_s:>10.2f}{r.cli_stuck_s:>10.2f}"
         )
+        if r.trace_cold_ms:
+            cold = ", ".join(f"{k} {v:.1f}" for k, v in r.trace_cold_ms.items())
+            out.append(f"{'':>10}  after {history_mod.COLD_WAIT_S:g} s idle, one trace each, ms: "
+                       f"{cold}")  # fmt: skip
         for problem in r.problems:
             out.append(f"  PROBLEM: {problem}")
     return "\n".join(out)
@@ -1132,6 +1138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--chain-batch", type=int, default=chain.BATCH, help="batch of each fetch")
     add("--history-sizes", default="10000,100000,1000000",
         help="messages in ORDERS at which trace and stuck are timed")  # fmt: skip
+    add("--history-cold", action="store_true",
+        help=f"also one trace each after {history_mod.COLD_WAIT_S:g} s idle")  # fmt: skip
+    add("--json-out", type=Path, metavar="FILE", help="also write the JSON to FILE")
     add("--replicas", type=int, default=2, help="replicas of the busiest function (default 2)")
     add("--busiest", help="the function to replicate (default: found at saturation)")
     add("--seed", type=int, default=42, help="seed of the order mix")
@@ -1234,7 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
         scaled = {**base, busiest_info["function"]: args.replicas}
         flows.append(run_flow(setup, "saturation", scaled, orders, None))
 
-    sized = run_history(setup, sizes) if "history" in runs else []
+    sized = run_history(setup, sizes, args.history_cold) if "history" in runs else []
     kv = kv_run(setup) if "kv" in runs else []
 
     profile = None
@@ -1250,12 +1259,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = ratios_of(chain_result, flows)
     info["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    everything = json.dumps({"machine": info, "settings": settings,
+                             "chain": asdict(chain_result) if chain_result else None,
+                             "flow": [asdict(r) for r in flows], "ratios_flow_over_chain": ratios,
+                             "busiest": busiest_info, "history": [asdict(r) for r in sized],
+                             "kv": kv, "profile": profile})  # fmt: skip
+    if args.json_out:
+        args.json_out.write_text(everything + "\n")
     if args.json:
-        print(json.dumps({"machine": info, "settings": settings,
-                          "chain": asdict(chain_result) if chain_result else None,
-                          "flow": [asdict(r) for r in flows], "ratios_flow_over_chain": ratios,
-                          "busiest": busiest_info, "history": [asdict(r) for r in sized],
-                          "kv": kv, "profile": profile}))  # fmt: skip
+        print(everything)
     else:
         print(render_header(info, settings))
         if chain_result is not None:
