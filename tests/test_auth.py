@@ -316,7 +316,10 @@ async def test_the_flow_completes_under_least_privilege(secure: Secure, topology
         assert {d.function for d in await flow.dead_letters()} == {"payment", "stock"}
         # The flaky card's retry was noted (and sec-oos's, when stock was quicker than payment).
         notes = await flow.read("RETRIES")
-        assert {n.subject.split(".")[2] for n in notes} == {"payment"}  # retries.<ID>.payment
+        # retries.<ID>.<function>: the flaky card's (and maybe a release that
+        # outran its reservation, which stock retries until it is decided).
+        noted = {n.subject.split(".")[2] for n in notes}
+        assert "payment" in noted and noted <= {"payment", "stock"}
         assert "sec-flaky" in {msgspec.json.decode(n.data)["order_id"] for n in notes}
         # Every function answers its micro service requests through its permissions.
         current = await status.collect(secure.admin, topology)
