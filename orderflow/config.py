@@ -97,8 +97,7 @@ class FunctionSpec(_Config, frozen=True):
     # The kinds it may read from an order's history (functions/history.py).
     reads: list[str] = []
     buckets: list[Name] = []
-    # Messages one process handles at once, per subject it reads (each is a
-    # consumer of its own, see server_consumers).
+    # Messages one process handles at once.
     concurrency: Annotated[int, Meta(ge=1, le=1024)] = 16
     # Subjects on which an invalid message is also answered with an
     # orders.rejected event (when its order id can be read).
