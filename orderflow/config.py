@@ -70,9 +70,6 @@ class ConsumerSpec(_Config, frozen=True):
     # Event kinds (functions/events.py); the consumer filters on their subjects,
     # every order's (orderflow/subjects.py).
     events: Annotated[list[str], Meta(min_length=1)]
-    # Set by load(), not in the file: the one subject this server-side consumer
-    # filters on (see server_consumers).
-    filter_subject: str | None = None
     ack_wait: Duration = "30s"
     # Deliveries the runner allows before it dead-letters a message.
     max_deliver: Annotated[int, Meta(ge=1, le=100)] = 8
@@ -211,45 +208,9 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(p) == len(s)
 
 
-def server_consumers(fn: FunctionSpec) -> FunctionSpec:
-    """``fn`` with one server-side consumer per subject filter.
-
-    Every order has its own subjects, so a stream's blocks hold about as many
-    subjects as messages; nats-server then answers a consumer with several
-    filters by intersecting them with every subject of the block (measured:
-    a third of its CPU under a backlog), and one with a single filter by a
-    plain walk. So each (kind, subject) of a consumer in streams.yaml is its
-    own durable, ``<durable>-<kind>`` (``-by-id`` for the order-addressed
-    ingress), with the same settings.
-    """
-    expanded = []
-    for c in fn.consumers:
-        for kind in c.events:
-            for subject in subjects.filters(kind):
-                suffix = kind.replace(".", "-") + (
-                    "-by-id" if subject.startswith("order.") and kind == subjects.INGRESS else ""
-                )
-                expanded.append(
-                    msgspec.structs.replace(
-                        c, durable=f"{c.durable}-{suffix}", events=[kind], filter_subject=subject
-                    )
-                )
-    return msgspec.structs.replace(fn, consumers=expanded)
-
-
 def _check(topology: Topology) -> None:
     if topology.inactive:
         raise ConfigError("inactive: set by --mode, not written in streams.yaml")
-    every = [*topology.functions.items()]
-    if topology.orchestration is not None:
-        every += topology.orchestration.functions.items()
-    for name, fn in every:
-        for i, c in enumerate(fn.consumers):
-            if c.filter_subject is not None:
-                raise ConfigError(
-                    f"functions.{name}.consumers[{i}].filter_subject: set by the runner from "
-                    "`events`, not written in streams.yaml"
-                )
     _check_functions(topology, topology.functions, "functions")
     if topology.orchestration is not None:
         _check_functions(topology, topology.orchestration.functions, "orchestration.functions")
@@ -373,20 +334,19 @@ def load(path: str | Path = "streams.yaml", mode: Mode | None = None) -> Topolog
 
 
 def _resolve(topology: Topology, mode: Mode) -> Topology:
-    choreography = {n: server_consumers(f) for n, f in topology.functions.items()}
-    orchestration = (
-        {n: server_consumers(f) for n, f in topology.orchestration.functions.items()}
-        if topology.orchestration
-        else {}
-    )
     if mode == "choreography" or topology.orchestration is None:
         if mode == "orchestration":
             raise ConfigError("mode 'orchestration': there is no orchestration section")
         return msgspec.structs.replace(
-            topology, functions=choreography, mode="choreography", inactive=orchestration
+            topology,
+            mode="choreography",
+            inactive=topology.orchestration.functions if topology.orchestration else {},
         )
     return msgspec.structs.replace(
-        topology, functions=orchestration, mode="orchestration", inactive=choreography
+        topology,
+        functions=topology.orchestration.functions,
+        mode="orchestration",
+        inactive=topology.functions,
     )
 
 

@@ -120,8 +120,7 @@ def consumer_config(spec: ConsumerSpec, start_after: int = 0) -> ConsumerConfig:
         # process died during that last attempt (a server-side cap alone would
         # drop the message silently).
         max_deliver=spec.max_deliver + 1,
-        # One subject (orderflow/config.py, server_consumers says why).
-        filter_subject=spec.filter_subject or subjects.filters(spec.events[0])[0],
+        filter_subjects=[s for kind in spec.events for s in subjects.filters(kind)],
         max_ack_pending=spec.max_ack_pending,
     )
 
@@ -155,7 +154,7 @@ _STREAM_FIELDS = (
     "max_msg_size",
     "allow_direct",
 )
-_CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subject", "max_ack_pending")
+_CONSUMER_FIELDS = ("ack_wait", "max_deliver", "filter_subjects", "max_ack_pending")
 
 
 class LayoutRefused(Exception):

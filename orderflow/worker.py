@@ -118,9 +118,9 @@ class Worker:
             in_hand.discard(task)
             puller.done()
 
-        # The function's concurrency, shared among its consumers (one per subject).
-        window = -(-self.spec.concurrency // len(self.spec.consumers))
-        puller = Puller(self.nc, consumer.stream, consumer.durable, window, deliver=start)
+        puller = Puller(
+            self.nc, consumer.stream, consumer.durable, self.spec.concurrency, deliver=start
+        )
         try:
             # Every message handed over is seen through, even after stop is set:
             # handing it back unacked would only delay it by ack_wait.

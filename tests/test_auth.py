@@ -109,16 +109,9 @@ def test_permissions_follow_the_topology(topology: Topology) -> None:
     users = auth.permissions(topology)
     assert set(users) == {"payment", "stock", "delivery", "order", "client"}
     assert users["payment"].publish == (
-        # One consumer per subject it reads (orderflow/config.py, server_consumers).
-        *(
-            f"{api}.ORDERS.payment-{suffix}{tail}"
-            for suffix in ("orders-created", "orders-created-by-id", "stock-unavailable")
-            for api, tail in (
-                ("$JS.API.CONSUMER.INFO", ""),
-                ("$JS.API.CONSUMER.MSG.NEXT", ""),
-                ("$JS.ACK", ".>"),
-            )
-        ),
+        "$JS.API.CONSUMER.INFO.ORDERS.payment",
+        "$JS.API.CONSUMER.MSG.NEXT.ORDERS.payment",
+        "$JS.ACK.ORDERS.payment.>",
         "$KV.gateway.>",
         "$JS.API.DIRECT.GET.KV_gateway.$KV.gateway.>",
         # The refund's join, read from the orders' histories: from any replica
@@ -191,17 +184,16 @@ async def test_payment_may_not_emit_delivery_nor_pull_from_stock(secure: Secure)
     await _until(lambda: errors, "the violation")
     assert errors == ['nats: permissions violation for publish to "order.au-1.delivery.scheduled"']
 
-    stock = await js.pull_subscribe_bind(durable="stock-orders-created", stream="ORDERS")
+    stock = await js.pull_subscribe_bind(durable="stock", stream="ORDERS")
     with pytest.raises(nats.errors.TimeoutError):
         await stock.fetch(1, timeout=0.5)
     await _until(lambda: len(errors) > 1, "the violation")
     assert errors[1] == (
-        "nats: permissions violation for publish to "
-        '"$js.api.consumer.msg.next.orders.stock-orders-created"'
+        'nats: permissions violation for publish to "$js.api.consumer.msg.next.orders.stock"'
     )
 
     # What it may do works on the same connection: its own consumer, its own emits.
-    own = await js.pull_subscribe_bind(durable="payment-orders-created", stream="ORDERS")
+    own = await js.pull_subscribe_bind(durable="payment", stream="ORDERS")
     [msg] = await own.fetch(1, timeout=2)
     assert msg.subject == "orders.created"
     await msg.nak()
@@ -210,10 +202,8 @@ async def test_payment_may_not_emit_delivery_nor_pull_from_stock(secure: Secure)
     assert ack.stream == "ORDERS"
 
     # The server's side: stock's message was never delivered, nothing of delivery's is stored.
-    admin = secure.admin.jetstream()
-    for durable in ("stock-orders-created", "stock-payments-failed"):  # one message each
-        info = await admin.consumer_info("ORDERS", durable)
-        assert (info.num_pending, info.num_ack_pending, info.delivered.stream_seq) == (1, 0, 0)
+    info = await secure.admin.jetstream().consumer_info("ORDERS", "stock")
+    assert (info.num_pending, info.num_ack_pending, info.delivered.stream_seq) == (2, 0, 0)
     subjects = [s.subject for s in await read_stream(secure.admin, "ORDERS")]
     assert subjects == ["orders.created", "order.au-1.payments.failed"]
     assert any('user:payment" - Publish Violation - Subject "order.au-1.delivery.scheduled"'
@@ -264,13 +254,11 @@ async def test_in_progress_then_ack_needs_the_ack_subjects(secure: Secure) -> No
     """allow_responses alone allows one answer per message: a slow handler's ack needs more."""
     await secure.admin.jetstream().publish("order.au-3.payments.succeeded", b"{}")
     nc, errors = await secure.connect_as("delivery")
-    sub = await nc.jetstream().pull_subscribe_bind(
-        durable="delivery-payments-succeeded", stream="ORDERS"
-    )
+    sub = await nc.jetstream().pull_subscribe_bind(durable="delivery", stream="ORDERS")
     [msg] = await sub.fetch(1, timeout=2)
     await msg.in_progress()
     await msg.ack_sync(timeout=2)
-    info = await secure.admin.jetstream().consumer_info("ORDERS", "delivery-payments-succeeded")
+    info = await secure.admin.jetstream().consumer_info("ORDERS", "delivery")
     assert (info.num_ack_pending, info.num_pending, errors) == (0, 0, [])
 
 

@@ -40,9 +40,7 @@ async def test_transient_failures_follow_the_backoff_schedule_then_dead_letter(
     async def on_nak(msg: Msg) -> None:
         naks.append(datetime.fromisoformat(json.loads(msg.data)["timestamp"]))
 
-    await flow.nc.subscribe(
-        "$JS.EVENT.ADVISORY.CONSUMER.MSG_NAKED.ORDERS.payment-orders-created", cb=on_nak
-    )
+    await flow.nc.subscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_NAKED.ORDERS.payment", cb=on_nak)
     await flow.publish(order("o-down-1", token="tok_unavailable"))  # the gateway never answers
 
     for _ in range(100):
@@ -128,7 +126,7 @@ async def test_a_slow_handler_keeps_its_message_and_stop_drains(
     # The server applies acks asynchronously; give it a moment, well under
     # ack_wait (1 s), so that an unacked message cannot pass for an acked one.
     for _ in range(10):
-        info = await nc.jetstream().consumer_info("ORDERS", "delivery-payments-succeeded")
+        info = await nc.jetstream().consumer_info("ORDERS", "delivery")
         if info.num_ack_pending == 0:
             break
         await asyncio.sleep(0.05)
