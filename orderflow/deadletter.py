@@ -39,9 +39,13 @@ def _header_safe(text: str) -> str:
     return " ".join(text.split())[:MAX_REASON]
 
 
+class DeadLetterRefused(Exception):
+    pass
+
+
 class DeadLetters:
     def __init__(self, nc: Client, spec: DeadLetterSpec, function: str) -> None:
-        self.js = nc.jetstream()
+        self.nc = nc
         self.function = function
         self.prefix = spec.subject_prefix
 
@@ -65,7 +69,10 @@ class DeadLetters:
         )
         # Filed under the order (orderflow/subjects.py): trace finds it by id.
         subject = subjects.dead_letter(self.prefix, order_of(msg.subject, msg.data), self.function)
-        await election.publish(self.js, subject, msg.data, headers=headers)
+        ack = await election.store(self.nc, subject, msg.data, headers)
+        if ack.error is not None:
+            # Not stored: the input stays unacked and comes back after ack_wait.
+            raise DeadLetterRefused(f"{subject}: {ack.error.err_code} {ack.error.description}")
         await msg.ack()
         log.warning(
             "%s: dead-lettered %s (stream %s seq %d): %s",

@@ -11,7 +11,8 @@ nats.go's JetStream publish retries no responders).
 
 A *timeout* is not retried here: its outcome is unknown (the old leader may
 have stored the write before it died). The callers settle that by design: an
-event carries a message id the stream deduplicates, and a compare-and-set
+event is guarded by its subject's expected last sequence (or a command by its
+message id), so a repeat is refused as stored already, and a compare-and-set
 that was in fact applied fails when the handler tries it again, so the
 handler reads again and finds its own write.
 """
@@ -20,14 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
 
 #: Seconds between attempts while nobody answers for a stream.
 POLL = 0.25
@@ -59,30 +57,6 @@ async def request(
                 subject, payload, timeout=max(deadline - time.monotonic(), POLL), headers=headers
             )
         except nats.errors.NoRespondersError:
-            if time.monotonic() + POLL >= deadline:
-                raise
-            await asyncio.sleep(POLL)
-
-
-async def publish(
-    js: Any,
-    subject: str,
-    payload: bytes,
-    headers: dict[str, str] | None = None,
-    timeout: float = PUBLISH_TIMEOUT,
-) -> PubAck:
-    """``js.publish``, asked again while no stream answers for ``subject`` (or the stream
-    is still storing the same message id), within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ack: PubAck = await js.publish(
-                subject, payload, timeout=max(deadline - time.monotonic(), POLL), headers=headers
-            )
-            return ack
-        except (nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as exc:
-            if isinstance(exc, nats.js.errors.APIError) and exc.err_code != DUPLICATE_IN_FLIGHT:
-                raise
             if time.monotonic() + POLL >= deadline:
                 raise
             await asyncio.sleep(POLL)
