@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent
-from functions.events import EVENT_TYPES, Event, subject_of
+from functions.events import EVENT_TYPES, Event, event_id, subject_of
 from orderflow import direct, election, subjects
 from orderflow.emit import Emitter
 
@@ -115,4 +115,4 @@ class MessageHistory:
     async def append(self, event: Event) -> None:
         self.emitter.check([event])
         await self.emitter.emit(event, self.cause)
-        self.appended.add(f"{subject_of(type(event))}:{event.order_id}")
+        self.appended.add(event_id(event))

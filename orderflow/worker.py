@@ -8,15 +8,17 @@ order:
    handling it kept dying: a poison message must not crash-loop forever);
 2. too large, undecodable, invalid or over ``limits`` -> dead letter at once (retrying cannot
    fix bytes), and an ``orders.rejected`` where the function answers those;
-3. call the handler with the decoded Struct;
-4. publish what it returned, each event with a deterministic ``Nats-Msg-Id``
-   (``<subject>:<order id>``) and its context headers (``orderflow.context``),
-   and wait for every publish ack;
+3. call the handler with the decoded Struct and the order's history as this
+   message sees it (``orderflow.history``: reads, and appends it may make
+   before reading on);
+4. emit what it returned (``orderflow.emit``: on the order's subject, with the
+   context headers, refused by the stream if the order has that kind
+   already), and wait for every publish ack;
 5. only then ack the input.
 
 A process killed anywhere in between leaves the input unacked: it comes back
-after ``ack_wait``, the handler finds its own earlier writes in KV and answers
-the same, and the stream drops the republished events as duplicates.
+after ``ack_wait``, the handler finds its own earlier effects (in the order's
+history, in KV) and answers the same, and the stream refuses the repeats.
 
 A handler exception is a transient fault: the message is handed back with
 ``nak(delay)`` from the function's backoff schedule (a plain nak would
