@@ -58,7 +58,7 @@ from pathlib import Path
 
 from functions.events import EVENT_TYPES
 from orderflow import subjects
-from orderflow.config import ConfigError, Topology, emitted_on
+from orderflow.config import ConfigError, Topology
 from orderflow.connect import CREDENTIAL_VARS
 
 ADMIN = "admin"
@@ -115,7 +115,7 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
     if fn.reads:
         publish.append(f"$JS.API.STREAM.MSG.GET.{events}")
     # Alarms are published on the order's alarm subject (orderflow/subjects.py).
-    publish += [emitted_on(kind) for kind in fn.emits]
+    publish += [subjects.published_on(kind, "*") for kind in fn.emits]
     publish.append(subjects.dead_letter(topology.dead_letters.subject_prefix, "*", name))
     if topology.retry_log is not None:
         publish.append(subjects.retry_note(topology.retry_log.subject_prefix, "*", name))
@@ -154,7 +154,11 @@ def outcomes(topology: Topology) -> tuple[str, ...]:
     outside world (every order's ``orders.completed``...)."""
     consumed = set(_consumed(topology))
     return _unique(
-        [emitted_on(k) for k in _emitted(topology) if k not in consumed and k in EVENT_TYPES]
+        [
+            subjects.published_on(k, "*")
+            for k in _emitted(topology)
+            if k not in consumed and k in EVENT_TYPES
+        ]
     )
 
 

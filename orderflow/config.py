@@ -173,11 +173,18 @@ class Topology(_Config, frozen=True):
     def stream(self, name: str) -> StreamSpec:
         return next(s for s in self.streams if s.name == name)
 
+    def storing(self, subject: str) -> str | None:
+        """The stream that stores ``subject``, if any."""
+        return next(
+            (s.name for s in self.streams if any(subject_matches(p, subject) for p in s.subjects)),
+            None,
+        )
+
     def stream_of(self, subject: str) -> str:
         """The stream that stores ``subject`` (the checks at load make sure there is one)."""
-        return next(
-            s.name for s in self.streams if any(subject_matches(p, subject) for p in s.subjects)
-        )
+        name = self.storing(subject)
+        assert name is not None, subject
+        return name
 
     @property
     def events_stream(self) -> str:
@@ -186,11 +193,8 @@ class Topology(_Config, frozen=True):
 
     @property
     def timers_stream(self) -> str | None:
-        timers = subjects.alarm("x")
-        found = [
-            s.name for s in self.streams if any(subject_matches(p, timers) for p in s.subjects)
-        ]
-        return found[0] if found else None
+        """Where the orchestrator's alarms are, if anywhere."""
+        return self.storing(subjects.alarm("x"))
 
 
 class ConfigError(Exception):
@@ -268,7 +272,7 @@ def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at:
             _check_kind(kind, f"{at}.{name}.reads")
         for kind in fn.emits:
             _check_kind(kind, f"{at}.{name}.emits")
-            subject = emitted_on(kind)
+            subject = subjects.published_on(kind, "*")
             if not any(subject_matches(p, subject) for s in streams.values() for p in s.subjects):
                 raise ConfigError(f"{at}.{name}.emits: no stream stores {kind!r} ({subject})")
 
@@ -279,13 +283,6 @@ def _check_kind(kind: str, where: str) -> None:
             f"{where}: {kind!r} is not an event kind (functions/events.py: "
             f"{', '.join(sorted(EVENT_TYPES))})"
         )
-
-
-def emitted_on(kind: str) -> str:
-    """The subject (pattern) an event of ``kind`` is published on: its own, but for alarms."""
-    if kind in ("saga.timeout", "saga.alarms.cleared"):
-        return subjects.alarm("*")
-    return subjects.subject(kind, "*")
 
 
 def _convert(raw: object) -> Topology:

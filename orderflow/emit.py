@@ -53,7 +53,7 @@ def placement(event: Event) -> tuple[str, dict[str, str]]:
         # decisions stay pure.
         target = subjects.subject(kind, event.order_id)
         at = datetime.now(UTC) + timedelta(milliseconds=event.delay_ms)
-        return subjects.alarm(event.order_id), {
+        return subjects.published_on(kind, event.order_id), {
             "Nats-Msg-Id": event_id(event),
             "Nats-Schedule": f"@at {at.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}",
             "Nats-Schedule-Target": target,
@@ -61,7 +61,7 @@ def placement(event: Event) -> tuple[str, dict[str, str]]:
     if isinstance(event, AlarmCleared):
         # A plain message rolled up over the schedule withdraws it, and
         # expires itself: nothing of the alarm is left in the stream.
-        return subjects.alarm(event.order_id), {
+        return subjects.published_on(kind, event.order_id), {
             "Nats-Msg-Id": event_id(event),
             "Nats-Rollup": "sub",
             "Nats-TTL": "1s",

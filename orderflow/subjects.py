@@ -56,6 +56,17 @@ def alarm(order_id: str) -> str:
     return f"{TIMER}.{order_id}.{ALARM}"
 
 
+#: Kinds published on the order's alarm subject rather than their own: the
+#: alarm itself (a scheduled message) and its withdrawal.
+ALARM_KINDS = frozenset({"saga.timeout", "saga.alarms.cleared"})
+
+
+def published_on(kind: str, order_id: str) -> str:
+    """The subject an event of ``kind`` is published on: its own, but for alarms
+    (``order_id`` ``*``: the pattern for every order)."""
+    return alarm(order_id) if kind in ALARM_KINDS else subject(kind, order_id)
+
+
 def filters(kind: str) -> list[str]:
     """The subject filters a consumer of ``kind`` uses: every order's, and ingress."""
     wildcard = subject(kind, "*")
