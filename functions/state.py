@@ -6,7 +6,8 @@ hands them: in production a JetStream KV bucket (``orderflow.kv.KvStore``), in
 unit tests and offline replays the :class:`MemoryStore` below. Both obey the
 same rules, so a handler tested on one behaves the same on the other:
 
-* ``get`` returns the value with its revision, or ``None``.
+* ``get`` returns the value with its revision, or ``None``; ``get_many`` the
+  same for many keys at once, as of one moment (one round trip on a bucket).
 * ``commit`` applies every write or none. Each write names the revision it was
   decided on (0: "the key must not exist yet"); if any key moved since,
   nothing is written and ``commit`` returns 0: read again, decide again.
@@ -18,7 +19,7 @@ same rules, so a handler tested on one behaves the same on the other:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -46,6 +47,10 @@ class Write:
 class Store(Protocol):
     async def get(self, key: str, type: type[T]) -> Versioned[T] | None: ...
 
+    async def get_many(self, keys: Sequence[str], type: type[T]) -> dict[str, Versioned[T]]:
+        """Every key of ``keys`` that has a value (absent keys are left out)."""
+        ...
+
     async def commit(self, *writes: Write) -> int:
         """The new revision of the (last) key written; 0: a key moved, nothing was written."""
         ...
@@ -64,6 +69,11 @@ class MemoryStore:
             return None
         raw, revision = found
         return Versioned(msgspec.json.decode(raw, type=type), revision)
+
+    async def get_many(self, keys: Sequence[str], type: type[T]) -> dict[str, Versioned[T]]:
+        # Through get, so a subclass that intercepts reads sees every key.
+        found = {key: await self.get(key, type) for key in dict.fromkeys(keys)}
+        return {key: entry for key, entry in found.items() if entry is not None}
 
     async def commit(self, *writes: Write) -> int:
         for write in writes:

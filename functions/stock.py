@@ -32,6 +32,15 @@ that moved is refused as a conflict and a repeat that finds the shelf short
 restart the server remembers only the ids of messages it still stores, so a
 level write superseded by a later one is forgotten (bench/README.md).
 
+Orders are decided in batches (:func:`reserve`; the runner gathers the
+orders in hand, ``orderflow/batch.py``): one read of every record and level
+the batch needs, the orders decided one after the other in memory, then each
+changed SKU written once and each settled once, so a popular SKU costs two
+writes per batch, not two per order. Each order still carries its own proof
+and its own record, so everything above holds order by order: an order is
+all-or-none, and a crash between any two writes of a batch leaves what a
+redelivery of any of its orders finishes.
+
 A release needs a reservation decision: ``payments.failed`` that arrives
 before this function has handled the order is retried later rather than
 guessed at, so what stock emits for an order depends only on which events it
@@ -189,34 +198,140 @@ def events_for(order_id: str, reservation: Reservation, trigger: type[Event]) ->
 
 # --- the handler ------------------------------------------------------------
 
+#: What a batch gives each order: its events, or why it has none yet.
+Outcome = Sequence[Event] | Exception
+
 
 async def handle(event: Event, store: Store) -> Sequence[Event]:
     if isinstance(event, OrderCreated):
-        return await optimistically(lambda: _reserve(event, store))
+        (outcome,) = await reserve([event], store)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
     if isinstance(event, PaymentFailed):
         return await optimistically(lambda: _release(event, store))
     raise TypeError(f"stock does not handle {type(event).__name__}")
 
 
-async def _reserve(order: OrderCreated, store: Store) -> list[Event] | None:
-    lines = wanted(order)
-    # Read together: nothing here depends on the order of the reads (see settle).
-    existing, levels = await asyncio.gather(
-        store.get(order_key(order.order_id), Reservation),
-        _levels(store, [line.sku for line in lines]),
+async def reserve(orders: Sequence[OrderCreated], store: Store) -> list[Outcome]:
+    """Decide a batch of orders together: each SKU read once and written once per round.
+
+    The orders are decided one after the other in memory (:func:`decide_batch`),
+    as if handled in this order one by one; then every SKU they change is
+    written once, with compare-and-set. An order whose SKUs were all written
+    (or needed no write) records its decision; one whose SKU had moved under
+    the batch (another replica wrote it) is decided again in the next round,
+    against the level read again: what it took on its other SKUs stays, its
+    proof says so. The same order twice in a batch is decided once.
+    """
+    lines: dict[str, list[StockLine]] = {}
+    for order in orders:  # an order is decided where it first appears, as it asked first
+        if order.order_id not in lines:
+            lines[order.order_id] = wanted(order)
+    decided: dict[str, Versioned[Reservation]] = {}
+    latest: dict[str, Versioned[Level]] = {}  # the newest level of each SKU seen
+    undecided = list(lines)
+    for _ in range(CONFLICT_ATTEMPTS):
+        if not undecided:
+            break
+        records, levels = await asyncio.gather(
+            store.get_many([order_key(o) for o in undecided], Reservation),
+            store.get_many([level_key(sku) for o in undecided for sku in _skus(lines[o])], Level),
+        )
+        latest.update((key.removeprefix("level."), entry) for key, entry in levels.items())
+        # Decided already (a redelivery, or another execution won): adopt it.
+        for order_id in undecided:
+            if (record := records.get(order_key(order_id))) is not None:
+                decided[order_id] = record
+        todo = [o for o in undecided if o not in decided]
+        read = {sku: latest.get(sku) for o in todo for sku in _skus(lines[o])}
+        reservations, changes = decide_batch([(o, lines[o]) for o in todo], read)
+        moved = await _write_changes(store, read, changes, latest)
+        standing = [o for o in todo if not moved.intersection(_skus(lines[o]))]
+        revisions = await asyncio.gather(
+            *(store.commit(Write(order_key(o), reservations[o], 0)) for o in standing)
+        )
+        for order_id, revision in zip(standing, revisions, strict=True):
+            if revision:
+                decided[order_id] = Versioned(reservations[order_id], revision)
+        # A lost record (another execution decided first) is adopted next round.
+        undecided = [o for o in todo if o not in decided]
+    unsettled = await _settle_all(store, decided, lines, latest)
+    outcomes: list[Outcome] = []
+    for order in orders:
+        order_id = order.order_id
+        if order_id not in decided:
+            outcomes.append(
+                Retry(f"state kept changing under us ({CONFLICT_ATTEMPTS} compare-and-set rounds)")
+            )
+        elif (sku := unsettled.get(order_id)) is not None:
+            # The decision stands; the redelivery settles what is left.
+            outcomes.append(Retry(f"level of {sku} kept changing while settling order {order_id}"))
+        else:
+            outcomes.append(events_for(order_id, decided[order_id].value, OrderCreated))
+    return outcomes
+
+
+def decide_batch(
+    orders: Sequence[tuple[str, Sequence[StockLine]]], levels: Levels
+) -> tuple[dict[str, Reservation], dict[str, Level]]:
+    """Each order's decision, one after the other as the levels change in memory, and the
+    new level of every SKU changed. Every change is based on the revision read."""
+    current = dict(levels)
+    decisions: dict[str, Reservation] = {}
+    changes: dict[str, Level] = {}
+    for order_id, lines in orders:
+        decisions[order_id], changed = decide_reservation(order_id, lines, current)
+        for sku, new in changed.items():
+            current[sku] = Versioned(new, _revision(levels.get(sku)))
+            changes[sku] = new
+    return decisions, changes
+
+
+def _skus(lines: Sequence[StockLine]) -> list[str]:
+    return [line.sku for line in lines]
+
+
+async def _write_changes(
+    store: Store,
+    read: Levels,
+    changes: Mapping[str, Level],
+    latest: dict[str, Versioned[Level]],
+) -> set[str]:
+    """Write every changed level (each its own compare-and-set); the SKUs that had moved."""
+    skus = list(changes)
+    revisions = await asyncio.gather(
+        *(
+            store.commit(Write(level_key(sku), changes[sku], _revision(read.get(sku))))
+            for sku in skus
+        )
     )
-    if existing is not None:
-        await _settle(store, order.order_id, existing, levels)
-        return events_for(order.order_id, existing.value, OrderCreated)
-    reservation, changes = decide_reservation(order.order_id, lines, levels)
-    written = await _write_levels(store, levels, changes)
-    if written is None:
-        return None
-    revision = await store.commit(Write(order_key(order.order_id), reservation, 0))
-    if not revision:
-        return None  # another execution decided first: adopt its decision
-    await _settle(store, order.order_id, Versioned(reservation, revision), written)
-    return events_for(order.order_id, reservation, OrderCreated)
+    moved = set()
+    for sku, revision in zip(skus, revisions, strict=True):
+        if revision:
+            latest[sku] = Versioned(changes[sku], revision)
+        else:
+            moved.add(sku)
+    return moved
+
+
+async def _settle_all(
+    store: Store,
+    decided: Mapping[str, Versioned[Reservation]],
+    lines: Mapping[str, Sequence[StockLine]],
+    latest: dict[str, Versioned[Level]],
+) -> dict[str, str]:
+    """Settle every decided order's proofs, one write per SKU; the orders left unsettled
+    (with the SKU that kept moving)."""
+    orders_of: dict[str, list[str]] = {}
+    for order_id in decided:
+        for sku in _skus(lines[order_id]):
+            orders_of.setdefault(sku, []).append(order_id)
+    skus = list(orders_of)
+    done = await asyncio.gather(
+        *(_settle_level(store, sku, latest.get(sku), orders_of[sku], decided) for sku in skus)
+    )
+    return {o: sku for sku, ok in zip(skus, done, strict=True) if not ok for o in orders_of[sku]}
 
 
 async def _release(failed: PaymentFailed, store: Store) -> list[Event] | None:
@@ -245,8 +360,8 @@ async def _release(failed: PaymentFailed, store: Store) -> list[Event] | None:
 
 
 async def _levels(store: Store, skus: Sequence[str]) -> dict[str, Versioned[Level] | None]:
-    entries = await asyncio.gather(*(store.get(level_key(sku), Level) for sku in skus))
-    return dict(zip(skus, entries, strict=True))
+    found = await store.get_many([level_key(sku) for sku in skus], Level)
+    return {sku: found.get(level_key(sku)) for sku in skus}
 
 
 async def _write_levels(
@@ -254,17 +369,10 @@ async def _write_levels(
 ) -> dict[str, Versioned[Level] | None] | None:
     """Write every change (each its own compare-and-set); the levels after, or ``None``
     if any SKU moved since it was read (what was written stays: its proof says so)."""
-    skus = list(changes)
-    revisions = await asyncio.gather(
-        *(
-            store.commit(Write(level_key(sku), changes[sku], _revision(levels.get(sku))))
-            for sku in skus
-        )
-    )
-    if not all(revisions):
+    latest: dict[str, Versioned[Level]] = {}
+    if await _write_changes(store, levels, changes, latest):
         return None
-    after = {sku: Versioned(changes[sku], rev) for sku, rev in zip(skus, revisions, strict=True)}
-    return {**levels, **after}
+    return {**levels, **latest}
 
 
 def _revision(entry: Versioned[Level] | None) -> int:
@@ -274,26 +382,34 @@ def _revision(entry: Versioned[Level] | None) -> int:
 async def _settle(
     store: Store, order_id: str, decided: Versioned[Reservation], levels: Levels
 ) -> None:
-    await asyncio.gather(
-        *(_settle_level(store, sku, entry, order_id, decided) for sku, entry in levels.items())
-    )
+    settled = await asyncio.gather(
+        *(_settle_level(store, sku, entry, [order_id], {order_id: decided})
+          for sku, entry in levels.items())
+    )  # fmt: skip
+    for sku, ok in zip(levels, settled, strict=True):
+        if not ok:
+            # The decision stands; the redelivery settles what is left.
+            raise Retry(f"level of {sku} kept changing while settling order {order_id}")
 
 
 async def _settle_level(
     store: Store,
     sku: str,
     entry: Versioned[Level] | None,
-    order_id: str,
-    decided: Versioned[Reservation],
-) -> None:
+    orders: Sequence[str],
+    decided: Mapping[str, Versioned[Reservation]],
+) -> bool:
+    """Settle ``orders`` on one level in one write; ``False`` if it kept moving."""
     for _ in range(CONFLICT_ATTEMPTS):
         if entry is None:
-            return
-        settled = settle(entry.value, order_id, decided)
+            return True
+        settled = entry.value
+        for order_id in orders:
+            settled = settle(settled, order_id, decided[order_id])
         if settled is entry.value:
-            return
-        if await store.commit(Write(level_key(sku), settled, entry.revision)):
-            return
+            return True
+        revision = await store.commit(Write(level_key(sku), settled, entry.revision))
+        if revision:
+            return True
         entry = await store.get(level_key(sku), Level)
-    # The decision stands; the redelivery settles what is left.
-    raise Retry(f"level of {sku} kept changing while settling order {order_id}")
+    return False

@@ -13,8 +13,10 @@ turns exactly that into nats-server permissions, one user per function:
   ``CONSUMER.CREATE``: a function that could change its own consumer could
   widen its filter to any subject of the stream, so consumers are the admin's
   (``provision``; ``up`` provisions as admin before it starts the functions);
-* its own buckets: writes (``$KV.<bucket>.>``) and direct gets of their keys
-  (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.>``), which is all
+* its own buckets: writes (``$KV.<bucket>.>``), direct gets of their keys
+  (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.>``) and batch direct gets
+  of many keys at once (``$JS.API.DIRECT.GET.KV_<bucket>``, the subjects in
+  the body: any key of the function's own bucket), which is all
   ``orderflow/kv.py`` sends;
 * the subjects of the kinds it ``emits`` (``order.*.<kind>``), its dead
   letters and retry notes (``<prefix>.*.<function>``);
@@ -106,7 +108,11 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
             f"$JS.ACK.{c.stream}.{c.durable}.>",
         ]
     for bucket in fn.buckets:
-        publish += [f"$KV.{bucket}.>", f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>"]
+        publish += [
+            f"$KV.{bucket}.>",
+            f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>",
+            f"$JS.API.DIRECT.GET.KV_{bucket}",
+        ]
     # What it reads of the orders' histories: the last event of each kind it
     # names, from any replica; on a cluster from the leader, whose API takes
     # the subject in its body (so that permission cannot name the kinds).

@@ -20,6 +20,7 @@ from functions import delivery, orchestrator, order, payment, stock
 from functions.events import (
     ChargePayment,
     Event,
+    OrderCreated,
     PaymentFailed,
     RefundPayment,
     ReleaseStock,
@@ -30,6 +31,7 @@ from functions.events import (
 )
 from functions.history import History
 from functions.state import Store
+from orderflow.batch import Batcher
 from orderflow.config import ConfigError, Topology, seconds
 from orderflow.gateway import SimulatedGateway
 from orderflow.worker import Handler
@@ -42,9 +44,22 @@ def _payment(buckets: Buckets) -> Handler:
     return lambda event, history: payment.handle(event, history, gateway)
 
 
+#: Orders stock decides in one batch at most (orderflow/batch.py).
+STOCK_BATCH = 64
+
+
 def _stock(buckets: Buckets) -> Handler:
     store = buckets("stock")
-    return lambda event, history: stock.handle(event, store)
+    reserve: Batcher[OrderCreated, Sequence[Event]] = Batcher(
+        lambda orders: stock.reserve(orders, store), STOCK_BATCH
+    )
+
+    async def handle(event: Event, history: History) -> Sequence[Event]:
+        if isinstance(event, OrderCreated):
+            return await reserve(event)
+        return await stock.handle(event, store)
+
+    return handle
 
 
 def _from_history(

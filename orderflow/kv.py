@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TypeVar
 
 import msgspec
@@ -69,6 +70,7 @@ class KvStore:
         self._nuid = NUID()
         self._written: Counter[str] = Counter()  # writes per key, for the after-write failpoint
         self._direct_get = f"$JS.API.DIRECT.GET.{self.stream}.$KV.{bucket}."
+        self._many = direct.MultiLast(nc, self.stream, timeout)
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"
@@ -86,6 +88,19 @@ class KvStore:
         if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
             return None
         return Versioned(msgspec.json.decode(msg.data, type=type), int(headers["Nats-Sequence"]))
+
+    async def get_many(self, keys: Sequence[str], type: type[T]) -> dict[str, Versioned[T]]:
+        # One request for them all (a batch direct get, ``multi_last``).
+        prefix = f"$KV.{self.bucket}."
+        found: dict[str, Versioned[T]] = {}
+        for msg in await self._many.get([prefix + key for key in keys]):
+            headers = msg.headers or {}
+            if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
+                continue
+            key = headers["Nats-Subject"].removeprefix(prefix)
+            value = msgspec.json.decode(msg.data, type=type)
+            found[key] = Versioned(value, int(headers["Nats-Sequence"]))
+        return found
 
     async def commit(self, *writes: Write) -> int:
         revision = await self._commit(writes)

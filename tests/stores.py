@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -58,6 +58,10 @@ class HookedStore:
         if hook := self.before_read.pop(key, None):
             await hook()
         return await self.base.get(key, type)
+
+    async def get_many(self, keys: Sequence[str], type: type[T]) -> dict[str, Versioned[T]]:
+        found = {key: await self.get(key, type) for key in dict.fromkeys(keys)}
+        return {key: entry for key, entry in found.items() if entry is not None}
 
     async def commit(self, *writes: Write) -> int:
         for write in writes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
@@ -395,3 +396,98 @@ async def test_an_execution_that_saw_a_shortage_can_decide_for_both() -> None:
     y_decided.set()
     assert x_task is not None and await x_task == unavailable
     assert (await level(store, "A"), await level(store, "B")) == (2, 5)
+
+
+# --- batches --------------------------------------------------------------------
+#
+# stock decides the orders in hand together (orderflow/batch.py): one read of
+# every record and level, one write per SKU changed, one per SKU settled.
+
+
+def mix(seed: int, n: int) -> list[OrderCreated]:
+    """``n`` orders over 3 SKUs, some ordered twice (a redelivery in the same batch)."""
+    rng = random.Random(seed)
+    orders = []
+    for i in range(n):
+        lines = [(sku, rng.randint(1, 3)) for sku in rng.sample("ABC", rng.randint(1, 3))]
+        orders.append(order(f"o-{i}", *lines))
+    for _ in range(n // 5):
+        orders.insert(rng.randrange(len(orders)), rng.choice(orders))
+    return orders
+
+
+async def one_by_one(
+    orders: Sequence[OrderCreated], **levels: int
+) -> tuple[list[stock.Outcome], dict[str, int]]:
+    store = await stocked(**levels)
+    outcomes: list[stock.Outcome] = [await stock.handle(o, store) for o in orders]
+    return outcomes, {sku: await level(store, sku) for sku in levels}
+
+
+async def test_a_batch_writes_each_sku_once_however_many_orders_want_it() -> None:
+    store = CrashingStore(crash_after=10_000)
+    for sku, available in {"A": 10, "B": 10}.items():
+        assert await store.commit(Write(stock.level_key(sku), Level(available), 0))
+    before = store.written
+    orders = [order(f"o-{i}", ("A", 1), ("B", 1)) for i in range(8)]
+    outcomes = await stock.reserve(orders, store)
+    assert all(isinstance(o, list) and isinstance(o[0], StockReserved) for o in outcomes)
+    # A and B taken once each, 8 records, A and B settled once each.
+    assert store.written - before == 2 + 8 + 2
+    assert (await level(store, "A"), await level(store, "B")) == (2, 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_a_batch_decides_as_handling_its_orders_one_by_one_would(seed: int) -> None:
+    orders = mix(seed, 20)
+    expected, expected_levels = await one_by_one(orders, A=12, B=9, C=15)
+    store = await stocked(A=12, B=9, C=15)
+    assert await stock.reserve(orders, store) == expected
+    assert {sku: await level(store, sku) for sku in "ABC"} == expected_levels
+
+
+async def test_a_batch_survives_a_crash_after_any_write() -> None:
+    orders = mix(7, 6)
+    expected, expected_levels = await one_by_one(orders, A=6, B=5, C=4)
+    total = await writes_of(lambda s: stock.reserve(orders, s), batch_shelf)
+    assert total > 6
+    for crash_after in range(1, total + 1):
+        store = CrashingStore(crash_after=10_000)
+        await batch_shelf(store)
+        store.crash_after = store.written + crash_after
+        with pytest.raises(Crashed):
+            await stock.reserve(orders, store)
+        # The redelivery finds the batch's orders in hand again, maybe with new ones.
+        after = store.restarted()
+        assert await stock.reserve(orders, after) == expected, crash_after
+        assert {sku: await level(after, sku) for sku in "ABC"} == expected_levels
+
+
+async def batch_shelf(store: Store) -> None:
+    for sku, available in {"A": 6, "B": 5, "C": 4}.items():
+        assert await store.commit(Write(stock.level_key(sku), Level(available), 0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_two_replicas_batching_the_same_orders_agree_and_take_once(seed: int) -> None:
+    # Two processes with overlapping batches (each order delivered to one and
+    # redelivered to the other) race on every SKU.
+    orders = mix(seed, 16)
+    store = InterleavingStore()
+    for sku, available in {"A": 10, "B": 8, "C": 12}.items():
+        assert await store.commit(Write(stock.level_key(sku), Level(available), 0))
+    left, right = orders[:12], orders[4:]
+    first, second = await asyncio.gather(stock.reserve(left, store), stock.reserve(right, store))
+    assert store.conflicts >= 1  # they really raced
+    answers: dict[str, Sequence[Event]] = {}
+    for created, outcome in [*zip(left, first, strict=True), *zip(right, second, strict=True)]:
+        assert not isinstance(outcome, Exception), outcome
+        assert answers.setdefault(created.order_id, outcome) == outcome, created.order_id
+    taken = {sku: 0 for sku in "ABC"}
+    for events in answers.values():
+        if isinstance(events[0], StockReserved):
+            for line in events[0].items:
+                taken[line.sku] += line.quantity
+    assert {sku: await level(store, sku) for sku in "ABC"} == {
+        "A": 10 - taken["A"], "B": 8 - taken["B"], "C": 12 - taken["C"]
+    }  # fmt: skip
