@@ -66,7 +66,7 @@ from functions.events import (
     StockReserved,
     StockUnavailable,
 )
-from functions.state import CONFLICT_ATTEMPTS, Store, Versioned, Write, optimistically
+from functions.state import CONFLICT_ATTEMPTS, Store, Versioned, Write
 
 
 class Pending(msgspec.Struct, frozen=True):
@@ -203,14 +203,24 @@ Outcome = Sequence[Event] | Exception
 
 
 async def handle(event: Event, store: Store) -> Sequence[Event]:
-    if isinstance(event, OrderCreated):
-        (outcome,) = await reserve([event], store)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-    if isinstance(event, PaymentFailed):
-        return await optimistically(lambda: _release(event, store))
-    raise TypeError(f"stock does not handle {type(event).__name__}")
+    """One event on its own: a batch of one."""
+    (outcome,) = await handle_batch([event], store)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+async def handle_batch(events: Sequence[Event], store: Store) -> list[Outcome]:
+    """Each event's outcome: the orders reserved first, then the failed payments released
+    (so a failure that came with its order in the same batch finds it decided)."""
+    for event in events:
+        if not isinstance(event, OrderCreated | PaymentFailed):
+            raise TypeError(f"stock does not handle {type(event).__name__}")
+    orders = [e for e in events if isinstance(e, OrderCreated)]
+    failures = [e for e in events if isinstance(e, PaymentFailed)]
+    reserved = iter(await reserve(orders, store) if orders else [])
+    released = iter(await release(failures, store) if failures else [])
+    return [next(reserved if isinstance(e, OrderCreated) else released) for e in events]
 
 
 async def reserve(orders: Sequence[OrderCreated], store: Store) -> list[Outcome]:
@@ -334,62 +344,85 @@ async def _settle_all(
     return {o: sku for sku, ok in zip(skus, done, strict=True) if not ok for o in orders_of[sku]}
 
 
-async def _release(failed: PaymentFailed, store: Store) -> list[Event] | None:
-    existing = await store.get(order_key(failed.order_id), Reservation)
-    if existing is None:
-        # Ours to settle once we have decided the reservation (orders.created
-        # is ahead of this message in our own consumer, so it is on its way).
-        raise Retry("no reservation decided for this order yet")
-    if existing.value.status == "unavailable":
-        return []  # nothing is held, nothing to give back
-    levels = await _levels(store, [line.sku for line in existing.value.items])
-    if existing.value.status == "released":
-        await _settle(store, failed.order_id, existing, levels)
-        return events_for(failed.order_id, existing.value, PaymentFailed)
-    written = await _write_levels(store, levels, decide_release(failed.order_id, existing, levels))
-    if written is None:
-        return None
-    released = msgspec.structs.replace(
-        existing.value, status="released", reserved_at=existing.revision
-    )
-    revision = await store.commit(Write(order_key(failed.order_id), released, existing.revision))
-    if not revision:
-        return None
-    await _settle(store, failed.order_id, Versioned(released, revision), written)
-    return events_for(failed.order_id, released, PaymentFailed)
-
-
-async def _levels(store: Store, skus: Sequence[str]) -> dict[str, Versioned[Level] | None]:
-    found = await store.get_many([level_key(sku) for sku in skus], Level)
-    return {sku: found.get(level_key(sku)) for sku in skus}
-
-
-async def _write_levels(
-    store: Store, levels: Levels, changes: Mapping[str, Level]
-) -> dict[str, Versioned[Level] | None] | None:
-    """Write every change (each its own compare-and-set); the levels after, or ``None``
-    if any SKU moved since it was read (what was written stays: its proof says so)."""
+async def release(failures: Sequence[PaymentFailed], store: Store) -> list[Outcome]:
+    """Give back what a batch of failed payments' orders hold: each SKU written once per
+    round, as :func:`reserve` takes it."""
+    decided: dict[str, Versioned[Reservation]] = {}  # unavailable, or released
+    undecided_yet: set[str] = set()
+    lines: dict[str, list[StockLine]] = {}
     latest: dict[str, Versioned[Level]] = {}
-    if await _write_changes(store, levels, changes, latest):
-        return None
-    return {**levels, **latest}
+    todo = list(dict.fromkeys(f.order_id for f in failures))
+    for _ in range(CONFLICT_ATTEMPTS):
+        if not todo:
+            break
+        records = await store.get_many([order_key(o) for o in todo], Reservation)
+        held: dict[str, Versioned[Reservation]] = {}
+        for order_id in todo:
+            record = records.get(order_key(order_id))
+            if record is None:
+                undecided_yet.add(order_id)
+                continue
+            lines[order_id] = record.value.items
+            if record.value.status == "reserved":
+                held[order_id] = record
+            else:
+                decided[order_id] = record
+        # The levels of released ones too: a redelivery settles what is left.
+        holding = [o for o in todo if o in held or _status(decided.get(o)) == "released"]
+        levels = await store.get_many(
+            [level_key(s) for o in holding for s in _skus(lines[o])], Level
+        )
+        latest.update((key.removeprefix("level."), entry) for key, entry in levels.items())
+        read = {sku: latest.get(sku) for o in held for sku in _skus(lines[o])}
+        current, changes = dict(read), {}
+        for order_id, record in held.items():
+            for sku, new in decide_release(order_id, record, current).items():
+                current[sku] = Versioned(new, _revision(read.get(sku)))
+                changes[sku] = new
+        moved = await _write_changes(store, read, changes, latest)
+        standing = [o for o in held if not moved.intersection(_skus(lines[o]))]
+        after = {
+            o: msgspec.structs.replace(
+                held[o].value, status="released", reserved_at=held[o].revision
+            )
+            for o in standing
+        }
+        revisions = await asyncio.gather(
+            *(store.commit(Write(order_key(o), after[o], held[o].revision)) for o in standing)
+        )
+        for order_id, revision in zip(standing, revisions, strict=True):
+            if revision:
+                decided[order_id] = Versioned(after[order_id], revision)
+        todo = [o for o in held if o not in decided]
+    released = {o: r for o, r in decided.items() if r.value.status == "released"}
+    unsettled = await _settle_all(store, released, lines, latest)
+    outcomes: list[Outcome] = []
+    for failed in failures:
+        order_id = failed.order_id
+        if order_id in undecided_yet:
+            # Ours to settle once we have decided the reservation (orders.created
+            # is ahead of this message in our own consumer, so it is on its way).
+            outcomes.append(Retry("no reservation decided for this order yet"))
+        elif order_id not in decided:
+            outcomes.append(
+                Retry(f"state kept changing under us ({CONFLICT_ATTEMPTS} compare-and-set rounds)")
+            )
+        elif (moving := unsettled.get(order_id)) is not None:
+            outcomes.append(
+                Retry(f"level of {moving} kept changing while settling order {order_id}")
+            )
+        else:
+            # unavailable: nothing is held, nothing to give back
+            outcomes.append(events_for(order_id, decided[order_id].value, PaymentFailed))
+    return outcomes
+
+
+def _status(record: Versioned[Reservation] | None) -> str | None:
+    return record.value.status if record else None
 
 
 def _revision(entry: Versioned[Level] | None) -> int:
     return entry.revision if entry else 0
-
-
-async def _settle(
-    store: Store, order_id: str, decided: Versioned[Reservation], levels: Levels
-) -> None:
-    settled = await asyncio.gather(
-        *(_settle_level(store, sku, entry, [order_id], {order_id: decided})
-          for sku, entry in levels.items())
-    )  # fmt: skip
-    for sku, ok in zip(levels, settled, strict=True):
-        if not ok:
-            # The decision stands; the redelivery settles what is left.
-            raise Retry(f"level of {sku} kept changing while settling order {order_id}")
 
 
 async def _settle_level(

@@ -20,7 +20,6 @@ from functions import delivery, orchestrator, order, payment, stock
 from functions.events import (
     ChargePayment,
     Event,
-    OrderCreated,
     PaymentFailed,
     RefundPayment,
     ReleaseStock,
@@ -50,16 +49,10 @@ STOCK_BATCH = 64
 
 def _stock(buckets: Buckets) -> Handler:
     store = buckets("stock")
-    reserve: Batcher[OrderCreated, Sequence[Event]] = Batcher(
-        lambda orders: stock.reserve(orders, store), STOCK_BATCH
+    decide: Batcher[Event, Sequence[Event]] = Batcher(
+        lambda events: stock.handle_batch(events, store), STOCK_BATCH
     )
-
-    async def handle(event: Event, history: History) -> Sequence[Event]:
-        if isinstance(event, OrderCreated):
-            return await reserve(event)
-        return await stock.handle(event, store)
-
-    return handle
+    return lambda event, history: decide(event)
 
 
 def _from_history(

@@ -459,8 +459,21 @@ async def test_a_batch_survives_a_crash_after_any_write() -> None:
             await stock.reserve(orders, store)
         # The redelivery finds the batch's orders in hand again, maybe with new ones.
         after = store.restarted()
-        assert await stock.reserve(orders, after) == expected, crash_after
+        assert shape(await stock.reserve(orders, after)) == shape(expected), crash_after
         assert {sku: await level(after, sku) for sku in "ABC"} == expected_levels
+
+
+def shape(outcomes: Sequence[stock.Outcome]) -> list[object]:
+    """Outcomes, a shortage's figures left out: a redelivery after a crash finds the
+    proofs of every order the batch had written, also those decided after the short
+    one, so it may see a SKU shorter than the first attempt did. Short either way:
+    it only ever sees less on the shelf, and what was taken counts as taken."""
+    return [
+        [("unavailable", e.order_id) if isinstance(e, StockUnavailable) else e for e in o]
+        if isinstance(o, list)
+        else repr(o)
+        for o in outcomes
+    ]
 
 
 async def batch_shelf(store: Store) -> None:
@@ -491,3 +504,49 @@ async def test_two_replicas_batching_the_same_orders_agree_and_take_once(seed: i
     assert {sku: await level(store, sku) for sku in "ABC"} == {
         "A": 10 - taken["A"], "B": 8 - taken["B"], "C": 12 - taken["C"]
     }  # fmt: skip
+
+
+async def test_a_batch_of_failed_payments_gives_back_each_sku_once() -> None:
+    store = CrashingStore(crash_after=10_000)
+    await batch_shelf(store)
+    orders = [order(f"o-{i}", ("A", 1), ("B", 1)) for i in range(4)]
+    await stock.reserve(orders, store)
+    before = store.written
+    outcomes = await stock.release([declined(o.order_id) for o in orders], store)
+    assert outcomes == [[StockReleased(o.order_id, [StockLine("A", 1), StockLine("B", 1)])]
+                        for o in orders]  # fmt: skip
+    # A and B given back once each, 4 records, A and B settled once each.
+    assert store.written - before == 2 + 4 + 2
+    assert (await level(store, "A"), await level(store, "B")) == (6, 5)
+
+
+async def test_a_failure_batched_with_its_order_finds_it_decided() -> None:
+    # payment is quicker than stock: an order's payments.failed can be in hand
+    # together with its orders.created. Reservations go first.
+    store = await stocked(A=5)
+    batch: list[Event] = [declined("o-1"), order("o-1", ("A", 2)), order("o-2", ("A", 2))]
+    outcomes = await stock.handle_batch(batch, store)
+    assert outcomes == [
+        [StockReleased("o-1", [StockLine("A", 2)])],
+        [StockReserved("o-1", [StockLine("A", 2)])],
+        [StockReserved("o-2", [StockLine("A", 2)])],
+    ]
+    assert await level(store, "A") == 3
+
+
+async def test_a_mixed_batch_survives_a_crash_after_any_write() -> None:
+    orders = mix(11, 6)
+    failures = [declined(o.order_id) for o in orders[::2]]
+    batch: list[Event] = [*orders, *failures]
+    expected = await stock.handle_batch(batch, reference := await stocked(A=6, B=5, C=4))
+    expected_levels = {sku: await level(reference, sku) for sku in "ABC"}
+    total = await writes_of(lambda s: stock.handle_batch(batch, s), batch_shelf)
+    for crash_after in range(1, total + 1):
+        store = CrashingStore(crash_after=10_000)
+        await batch_shelf(store)
+        store.crash_after = store.written + crash_after
+        with pytest.raises(Crashed):
+            await stock.handle_batch(batch, store)
+        after = store.restarted()
+        assert shape(await stock.handle_batch(batch, after)) == shape(expected), crash_after
+        assert {sku: await level(after, sku) for sku in "ABC"} == expected_levels
