@@ -20,9 +20,12 @@ turns exactly that into nats-server permissions, one user per function:
   ``orderflow/kv.py`` sends;
 * the subjects of the kinds it ``emits`` (``order.*.<kind>``), its dead
   letters and retry notes (``<prefix>.*.<function>``);
-* direct gets of the last event of each kind it ``reads`` from the orders'
-  histories (``$JS.API.DIRECT.GET.<stream>.order.*.<kind>``), and the
-  leader's ``STREAM.MSG.GET`` for a cluster;
+* if it ``reads`` the orders' histories: batch direct gets of the stream
+  (``$JS.API.DIRECT.GET.<stream>``, reads made together, orderflow/history.py)
+  and, on a cluster, the leader's ``STREAM.MSG.GET``. Both take the subjects
+  in the body, so no permission can narrow them to the kinds it reads: a
+  function that reads may read any order's events (never write them); one
+  that reads nothing (stock) cannot read them at all;
 * replies only in its own inbox, ``_INBOX_<function>.>`` (``NATS_INBOX_PREFIX``):
   with the shared ``_INBOX.>`` any user could read the replies of every other,
   the admin's stream reads included;
@@ -113,13 +116,10 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
             f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>",
             f"$JS.API.DIRECT.GET.KV_{bucket}",
         ]
-    # What it reads of the orders' histories: the last event of each kind it
-    # names, from any replica; on a cluster from the leader, whose API takes
-    # the subject in its body (so that permission cannot name the kinds).
+    # What it reads of the orders' histories (see the module's docstring).
     events = topology.events_stream
-    publish += [f"{subjects.direct_get(events)}.{subjects.subject(k, '*')}" for k in fn.reads]
     if fn.reads:
-        publish.append(f"$JS.API.STREAM.MSG.GET.{events}")
+        publish += [subjects.direct_get(events), f"$JS.API.STREAM.MSG.GET.{events}"]
     # Alarms are published on the order's alarm subject (orderflow/subjects.py).
     publish += [subjects.published_on(kind, "*") for kind in fn.emits]
     publish.append(subjects.dead_letter(topology.dead_letters.subject_prefix, "*", name))

@@ -6,8 +6,13 @@ else, so the cost does not grow with the history. ``append`` is the runner's
 own emit (``orderflow.emit``), so an event a handler appends is guarded,
 checked against ``emits`` and carries its context exactly like one it returns.
 
+Reads made at the same time by the messages a process has in hand are asked
+together (``orderflow.batch``): one batch direct get (``multi_last``) answers
+them all, so a busy process pays one request for many reads.
+
 A join is only sound if a read cannot miss what was stored before it. One
-server: a direct get sees every stored message. A cluster: any replica
+server: a direct get sees every stored message, and a batch one resolves
+every subject as of the moment it is asked. A cluster: any replica
 answers a direct get, and one that is behind could miss the other half, so
 there every read goes to the stream's leader (``STREAM.MSG.GET``), which has
 stored everything it acknowledged.
@@ -15,19 +20,27 @@ stored everything it acknowledged.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
+from collections.abc import Sequence
 from typing import TypeVar
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent
 from functions.events import EVENT_TYPES, Event, event_id, subject_of
 from orderflow import direct, election, subjects
+from orderflow.batch import Batcher
 from orderflow.emit import Emitter
 
 E = TypeVar("E", bound=Event)
+
+#: Reads asked in one batch direct get at most.
+READS_TOGETHER = 256
 
 _decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()}
 
@@ -64,6 +77,8 @@ class OrderLog:
         self.timeout = timeout
         self._direct = subjects.direct_get(stream) + "."
         self._leader = f"$JS.API.STREAM.MSG.GET.{stream}"
+        self._many = direct.MultiLast(nc, stream, timeout)
+        self._together: Batcher[str, bytes | None] = Batcher(self._read_many, READS_TOGETHER)
 
     async def last(self, order_id: str, kind: type[E]) -> E | None:
         name = subject_of(kind)
@@ -86,9 +101,21 @@ class OrderLog:
                 raise HistoryError(f"{self.stream}: reading {subject}: {got.error.description}")
             assert got.message is not None
             return base64.b64decode(got.message.data)
-        reply = await election.request(self.nc, self._direct + subject, b"", self.timeout)
-        msg = direct.found(reply, f"{self.stream}: reading {subject}")
-        return None if msg is None else msg.data
+        return await self._together(subject)
+
+    async def _read_many(self, wanted: Sequence[str]) -> list[bytes | None]:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                found = await self._many.get(wanted)
+                break
+            except nats.errors.NoRespondersError:
+                # Asked again while no server answers for the stream (orderflow.election).
+                if time.monotonic() + election.POLL >= deadline:
+                    raise
+                await asyncio.sleep(election.POLL)
+        data = {(msg.headers or {}).get("Nats-Subject", ""): msg.data for msg in found}
+        return [data.get(subject) for subject in wanted]
 
 
 class MessageHistory:
