@@ -9,8 +9,8 @@ stored messages of any demo run):
   by the ingress's position (``ORDERS:<seq>``), then
   ``order.<ID>.delivery.scheduled`` caused by ``stock.reserved:<ID>`` and
   ``order.<ID>.orders.completed`` caused by ``delivery.scheduled:<ID>``: each
-  with the headers ``orderflow.context.headers_for`` gives and the guard
-  ``orderflow.emit`` adds (``Nats-Expected-Last-Subject-Sequence: 0``), the
+  with the headers ``orderflow.runtime.context.headers_for`` gives and the guard
+  ``orderflow.runtime.emit`` adds (``Nats-Expected-Last-Subject-Sequence: 0``), the
   payloads encoded from ``functions.events``.
 
 Publishes are pipelined: plain publishes with a reply subject each, at most
@@ -24,9 +24,9 @@ Unfinished orders, the ones ``stuck`` must find:
 * **old, held by a dead letter**: in the first chunk, ``OLD_UNFINISHED``
   orders are paid and reserved but never scheduled, and delivery's dead letter
   on their ``stock.reserved`` waits in DEAD_LETTERS (``dlq.<ID>.delivery``,
-  headers as ``orderflow.deadletter`` writes them);
+  headers as ``orderflow.runtime.deadletter`` writes them);
 * **recent, not yet handled**: after each size is reached the consumers are
-  re-created past the end of the stream (``provision.consumer_config`` with
+  re-created past the end of the stream (``orderflow.runtime.consumers.consumer_config`` with
   ``start_after``, as a mode switch does: everything before is settled), and
   ``RECENT_UNFINISHED`` new orders, paid but not reserved, wait on the stock
   and delivery consumers (stock is down). They are completed before the
@@ -76,15 +76,15 @@ from functions.events import (
     event_id,
     subject_of,
 )
-from orderflow import deadletter as dl
-from orderflow import status as status_mod
 from orderflow import subjects
-from orderflow import trace as trace_mod
 from orderflow.config import Topology
-from orderflow.context import headers_for, input_event_id
-from orderflow.demo import make_order, payload
-from orderflow.emit import EXPECTED_LAST_SUBJECT_SEQUENCE
-from orderflow.provision import consumer_config
+from orderflow.runtime import deadletter as dl
+from orderflow.runtime.consumers import consumer_config
+from orderflow.runtime.context import headers_for, input_event_id
+from orderflow.runtime.emit import EXPECTED_LAST_SUBJECT_SEQUENCE
+from orderflow.tools import status as status_mod
+from orderflow.tools import trace as trace_mod
+from orderflow.tools.demo import make_order, payload
 
 #: Publishes awaiting their stream ack at once.
 WINDOW = 2000
@@ -256,7 +256,7 @@ class Generator:
                 reserved = StockReserved(
                     order.order_id, items=[StockLine(i.sku, i.quantity) for i in order.items]
                 )
-                # As orderflow.deadletter files it: the input's headers, and why.
+                # As orderflow.runtime.deadletter files it: the input's headers, and why.
                 dead = dict(headers) | {
                     "Nats-Msg-Id": f"dlq:delivery:{self.stream}:{sequence}",
                     dl.REASON: "ValueError: the benchmark's stand-in for a bug",
@@ -490,7 +490,7 @@ async def run(
     cold: bool = False,
 ) -> list[SizeResult]:
     """One server, its ORDERS grown to each size in turn (no function running)."""
-    from orderflow.connect import connect
+    from orderflow.runtime.connect import connect
 
     nc = await connect(url, name="bench-history")
     try:

@@ -1,6 +1,6 @@
 """A fresh nats-server for one benchmark row, with its monitoring endpoint on loopback.
 
-``orderflow.server.EmbeddedServer`` takes a configuration file; the one
+``orderflow.ops.server.EmbeddedServer`` takes a configuration file; the one
 written here only adds ``http: 127.0.0.1:<port>`` (the command-line flags it
 starts with keep JetStream, the client port and the store dir). ``/varz``
 gives the server's message counters, ``/connz`` the same per connection (by
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orderflow.server import EmbeddedServer, free_port
+from orderflow.ops.server import EmbeddedServer, free_port
 
 
 class MonitoredServer(EmbeddedServer):

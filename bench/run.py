@@ -14,8 +14,8 @@ storage, loopback only, its HTTP monitoring on a loopback port):
   3 processes forwarding one message along 4 JetStream hops with one KV
   join, 512 messages in flight; messages through per second;
 * ``saturation``: the flow, provisioned from ``streams.yaml``, one OS
-  process per function (``orderflow.supervisor.Supervisor``, as ``up``
-  deploys it), N orders of the demo mix (``orderflow.demo.make_orders``)
+  process per function (``orderflow.ops.supervisor.Supervisor``, as ``up``
+  deploys it), N orders of the demo mix (``orderflow.tools.demo.make_orders``)
   published as fast as the stream acks them; orders per second and what one
   order costs: CPU of the server and of the functions, messages into and out
   of the server (``/varz``), KV appends;
@@ -59,6 +59,7 @@ from nats.js import JetStreamContext
 
 from bench import chain
 from bench import history as history_mod
+from bench.cpu import CLOCK_TICKS, cpu_model, cpu_seconds, machine_ticks
 from bench.monitor import MonitoredServer, Traffic
 from functions import stock
 from functions.events import (
@@ -71,12 +72,12 @@ from functions.stock import Level
 from orderflow import config as config_mod
 from orderflow import subjects
 from orderflow.config import BucketSpec, Topology
-from orderflow.cpu import CLOCK_TICKS, cpu_model, cpu_seconds, machine_ticks
-from orderflow.demo import Tally, make_orders, payload, percentile
-from orderflow.kv import KvStore, stream_name
-from orderflow.provision import Report, bucket_config, ensure_stream, provision_at
-from orderflow.server import EmbeddedServer, binary, stop_all
-from orderflow.supervisor import Supervisor
+from orderflow.ops.provision import bucket_config, ensure_stream, provision_at
+from orderflow.ops.server import EmbeddedServer, binary, stop_all
+from orderflow.ops.supervisor import Supervisor
+from orderflow.runtime.consumers import Report
+from orderflow.runtime.kv import KvStore, stream_name
+from orderflow.tools.demo import Tally, make_orders, payload, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "streams.yaml"
@@ -806,7 +807,7 @@ def kv_run(setup: Setup) -> list[dict[str, Any]]:
 def render_kv(rows: list[dict[str, Any]]) -> str:
     out = [
         "",
-        f"KV operations through orderflow.kv.KvStore, one at a time ({KV_PROBES} of each)",
+        f"KV operations through orderflow.runtime.kv.KvStore, one at a time ({KV_PROBES} of each)",
         f"{'storage':<9}{'operation':<27}{'p50 ms':>8}{'p90 ms':>8}{'server CPU ms/op':>18}",
     ]
     for r in rows:

@@ -2,7 +2,7 @@
 
 Functions keep nothing in their process. What they must remember (stock levels,
 payments made, which half of a join has arrived) lives in a store the runner
-hands them: in production a JetStream KV bucket (``orderflow.kv.KvStore``), in
+hands them: in production a JetStream KV bucket (``orderflow.runtime.kv.KvStore``), in
 unit tests and offline replays the :class:`MemoryStore` below. Both obey the
 same rules, so a handler tested on one behaves the same on the other:
 

@@ -33,7 +33,7 @@ restart the server remembers only the ids of messages it still stores, so a
 level write superseded by a later one is forgotten (bench/README.md).
 
 Orders are decided in batches (:func:`reserve`; the runner gathers the
-orders in hand, ``orderflow/batch.py``): one read of every record and level
+orders in hand, ``orderflow/runtime/batch.py``): one read of every record and level
 the batch needs, the orders decided one after the other in memory, then each
 changed SKU written once and each settled once, so a popular SKU costs two
 writes per batch, not two per order. Each order still carries its own proof

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, NamedTuple
 from nats.aio.client import Client
 
 from orderflow import config as config_mod
-from orderflow import logs
 from orderflow.config import MODES, ConfigError, Topology
-from orderflow.connect import DEFAULT_URL, ConnectError, connect, redact, url_from_env
-from orderflow.demo import STALL_S
-from orderflow.provision import LayoutRefused, ModeSwitchRefused
-from orderflow.server import EmbeddedServer, port_is_free
+from orderflow.ops.provision import LayoutRefused, ModeSwitchRefused
+from orderflow.ops.server import EmbeddedServer, port_is_free
+from orderflow.runtime import logs
+from orderflow.runtime.connect import DEFAULT_URL, ConnectError, connect, redact, url_from_env
+from orderflow.tools.demo import STALL_S
 
 if TYPE_CHECKING:
-    from orderflow.trace import Owed
+    from orderflow.tools.trace import Owed
 
 log = logging.getLogger("orderflow")
 
@@ -45,14 +45,14 @@ def nats_server(data_dir: Path, config: Path | None = None, cluster: int = 0) ->
     it without flags) and leaves its URL in ``data_dir/nats.url`` for the
     other commands (``dlq``, ``provision``) while it runs. ``config``: a
     nats-server configuration for it (``up --secure``). ``cluster``: an
-    embedded cluster of that many servers instead (``orderflow.cluster``).
+    embedded cluster of that many servers instead (``orderflow.ops.cluster``).
     """
     url = url_from_env()
     if url:
         yield url
         return
     if cluster:
-        from orderflow.cluster import running_cluster
+        from orderflow.ops.cluster import running_cluster
 
         with running_cluster(data_dir, cluster, data_dir / URL_FILE) as servers:
             yield servers.url
@@ -104,8 +104,8 @@ def command_env(data_dir: Path = DATA_DIR) -> dict[str, str]:
     that ``auth`` left in the data dir (mode 0600: only their owner can) when
     there are any. A server without authorization ignores them.
     """
-    from orderflow import auth
-    from orderflow.connect import CREDENTIAL_VARS
+    from orderflow.ops import auth
+    from orderflow.runtime.connect import CREDENTIAL_VARS
 
     env = dict(os.environ)
     admin = data_dir / auth.AUTH_DIR / f"{auth.ADMIN}.env"
@@ -120,7 +120,7 @@ class Secured(NamedTuple):
 
     @property
     def server_conf(self) -> Path:
-        from orderflow import auth
+        from orderflow.ops import auth
 
         return self.directory / auth.SERVER_CONF
 
@@ -131,7 +131,7 @@ def _secure(args: argparse.Namespace, topology: Topology) -> Secured | None:
     None when not asked for; raises ConfigError with ``NATS_URL`` set (the
     configuration is for the embedded server; bring your own server's users).
     """
-    from orderflow import auth
+    from orderflow.ops import auth
 
     if not args.secure:
         return None
@@ -149,7 +149,7 @@ def _secure(args: argparse.Namespace, topology: Topology) -> Secured | None:
 
 
 def cmd_auth(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import auth
+    from orderflow.ops import auth
 
     directory = args.data_dir / auth.AUTH_DIR
     written = auth.generate(topology, directory)
@@ -179,7 +179,7 @@ async def _provision(
     env: dict[str, str] | None = None,
     replicas: int = 1,
 ) -> list[str]:
-    from orderflow.provision import provision_at
+    from orderflow.ops.provision import provision_at
 
     report = await provision_at(
         url, topology, base, env=env or command_env(), default_replicas=replicas
@@ -189,7 +189,7 @@ async def _provision(
 
 def _cluster_size(args: argparse.Namespace, topology: Topology) -> int:
     """``--cluster N`` (0 without), checked against NATS_URL and the replicas in streams.yaml."""
-    from orderflow.cluster import check_replicas
+    from orderflow.ops.cluster import check_replicas
 
     if url_from_env():
         if args.cluster:
@@ -217,7 +217,7 @@ def cmd_provision(args: argparse.Namespace, topology: Topology) -> int:
 
 
 def cmd_run(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow.service import serve
+    from orderflow.runtime.service import serve
 
     if args.function not in topology.functions:
         print(f"unknown function {args.function!r}; streams.yaml defines: "
@@ -228,7 +228,7 @@ def cmd_run(args: argparse.Namespace, topology: Topology) -> int:
 
 
 async def _dlq(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import dlq
+    from orderflow.tools import dlq
 
     async with connected("dlq") as nc:
         letters = await dlq.dead_letters(nc, topology)
@@ -263,7 +263,7 @@ def cmd_dlq(args: argparse.Namespace, topology: Topology) -> int:
 async def _record(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from orderflow.recording import record
+    from orderflow.tools.recording import record
 
     since = datetime.fromisoformat(args.since) if args.since else None
     async with connected("record") as nc:
@@ -287,7 +287,7 @@ def cmd_record(args: argparse.Namespace, topology: Topology) -> int:
 async def _trace(args: argparse.Namespace, topology: Topology) -> int:
     from datetime import UTC, datetime
 
-    from orderflow import trace
+    from orderflow.tools import trace
 
     async with connected("trace") as nc:
         traces = await trace.load(nc, topology, {args.order_id})
@@ -312,8 +312,8 @@ def cmd_trace(args: argparse.Namespace, topology: Topology) -> int:
 async def _stuck(args: argparse.Namespace, topology: Topology) -> int:
     from datetime import UTC, datetime
 
-    from orderflow import trace
     from orderflow.config import seconds
+    from orderflow.tools import trace
 
     now = datetime.now(UTC)
     async with connected("stuck") as nc:
@@ -343,7 +343,7 @@ def cmd_stuck(args: argparse.Namespace, topology: Topology) -> int:
 
 
 async def _status(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import status
+    from orderflow.tools import status
 
     async with connected("status") as nc:
         while True:
@@ -367,14 +367,14 @@ def cmd_status(args: argparse.Namespace, topology: Topology) -> int:
 
 
 def cmd_map(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow.trace import mermaid_map
+    from orderflow.tools.trace import mermaid_map
 
     print(mermaid_map(topology))
     return 0
 
 
 def cmd_replay(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import recording, replay
+    from orderflow.tools import recording, replay
 
     try:
         records = recording.read(args.file)
@@ -400,7 +400,7 @@ def cmd_replay(args: argparse.Namespace, topology: Topology) -> int:
 
 
 async def _until_signalled(supervisor: object) -> None:
-    from orderflow.supervisor import Supervisor
+    from orderflow.ops.supervisor import Supervisor
 
     assert isinstance(supervisor, Supervisor)
     stop = asyncio.Event()
@@ -411,8 +411,8 @@ async def _until_signalled(supervisor: object) -> None:
 
 
 def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import auth
-    from orderflow.supervisor import Supervisor
+    from orderflow.ops import auth
+    from orderflow.ops.supervisor import Supervisor
 
     replicas = _replicas(args.replicas, topology)
     cluster = _cluster_size(args, topology)
@@ -445,8 +445,8 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
 async def _demo(
     url: str, args: argparse.Namespace, supervisor: object, env: dict[str, str] | None = None
 ) -> dict[str, object]:
-    from orderflow import demo
-    from orderflow.supervisor import Supervisor
+    from orderflow.ops.supervisor import Supervisor
+    from orderflow.tools import demo
 
     assert isinstance(supervisor, Supervisor)
     stop = asyncio.Event()
@@ -465,8 +465,9 @@ async def _demo(
 
 
 def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import auth, demo
-    from orderflow.supervisor import Supervisor
+    from orderflow.ops import auth
+    from orderflow.ops.supervisor import Supervisor
+    from orderflow.tools import demo
 
     cluster = _cluster_size(args, topology)
     secure = _secure(args, topology)
@@ -503,7 +504,7 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, topology: Topology) -> int:
-    from orderflow import compare
+    from bench import compare
     from orderflow.config import seconds
 
     if args.orders < 1 or args.repeat < 1 or args.rate <= 0:

@@ -82,7 +82,7 @@ def parse(subject: str) -> tuple[str | None, str]:
     """``(order id, kind)`` of a stored subject; the id is ``None`` for payload-only ingress.
 
     A subject outside the layout comes back as its own kind, with no id, and
-    decodes to nothing (``orderflow.decoding``).
+    decodes to nothing (``orderflow.runtime.decoding``).
     """
     if subject == INGRESS:
         return None, INGRESS

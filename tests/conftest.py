@@ -10,9 +10,9 @@ from nats.aio.client import Client
 
 from orderflow import config
 from orderflow.config import Topology
-from orderflow.connect import connect
-from orderflow.provision import provision
-from orderflow.server import EmbeddedServer
+from orderflow.ops.provision import provision
+from orderflow.ops.server import EmbeddedServer
+from orderflow.runtime.connect import connect
 from tests.flowkit import Flow
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,13 +14,13 @@ from nats.aio.client import Client
 from functions.events import TERMINAL_SUBJECTS, AnyOrderId, OrderCreated, OrderItem
 from functions.stock import Level, level_key
 from orderflow.config import Topology, load_inventory
-from orderflow.demo import payload
-from orderflow.dlq import DeadLetter, dead_letters
-from orderflow.kv import KvStore
-from orderflow.replay import wait_until_quiet
-from orderflow.server import EmbeddedServer
-from orderflow.streamlog import Stored, read_stream
-from orderflow.supervisor import Supervisor
+from orderflow.ops.server import EmbeddedServer
+from orderflow.ops.supervisor import Supervisor
+from orderflow.runtime.kv import KvStore
+from orderflow.tools.demo import payload
+from orderflow.tools.dlq import DeadLetter, dead_letters
+from orderflow.tools.replay import wait_until_quiet
+from orderflow.tools.streamlog import Stored, read_stream
 
 
 def order(order_id: str, token: str = "tok_visa", **skus: int) -> OrderCreated:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from functions.events import OrderCreated, OrderItem
 from orderflow import config
-from orderflow.connect import connect
-from orderflow.demo import make_orders, payload
-from orderflow.provision import provision
-from orderflow.replay import wait_until_quiet
-from orderflow.server import EmbeddedServer
-from orderflow.supervisor import Supervisor
+from orderflow.ops.provision import provision
+from orderflow.ops.server import EmbeddedServer
+from orderflow.ops.supervisor import Supervisor
+from orderflow.runtime.connect import connect
+from orderflow.tools.demo import make_orders, payload
+from orderflow.tools.replay import wait_until_quiet
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -1,0 +1,146 @@
+"""``functions.history.History`` on the stream itself: an order's events, read by subject.
+
+``last`` asks the server for the last message on one subject
+(``order.<ID>.<kind>``): its subject index finds it without reading anything
+else, so the cost does not grow with the history. ``append`` is the runner's
+own emit (``orderflow.runtime.emit``), so an event a handler appends is guarded,
+checked against ``emits`` and carries its context exactly like one it returns.
+
+Reads made at the same time by the messages a process has in hand are asked
+together (``orderflow.runtime.batch``): one batch direct get (``multi_last``) answers
+them all, so a busy process pays one request for many reads.
+
+A join is only sound if a read cannot miss what was stored before it. One
+server: a direct get sees every stored message, and a batch one resolves
+every subject as of the moment it is asked. A cluster: any replica
+answers a direct get, and one that is behind could miss the other half, so
+there every read goes to the stream's leader (``STREAM.MSG.GET``), which has
+stored everything it acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Sequence
+from typing import TypeVar
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from functions.errors import Permanent
+from functions.events import EVENT_TYPES, Event, event_id, subject_of
+from orderflow import subjects
+from orderflow.runtime import direct, election
+from orderflow.runtime.batch import Batcher
+from orderflow.runtime.emit import Emitter
+
+E = TypeVar("E", bound=Event)
+
+#: Reads asked in one batch direct get at most.
+READS_TOGETHER = 256
+
+_decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()}
+
+
+class HistoryError(Exception):
+    pass
+
+
+class _Message(msgspec.Struct):
+    data: str = ""
+
+
+class _GetError(msgspec.Struct):
+    code: int = 0
+    description: str = ""
+
+
+class _GetReply(msgspec.Struct):
+    message: _Message | None = None
+    error: _GetError | None = None
+
+
+_decode_reply = msgspec.json.Decoder(_GetReply).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class OrderLog:
+    """Reads of one stream's order subjects, from any replica or from the leader only."""
+
+    def __init__(self, nc: Client, stream: str, leader_only: bool, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.leader_only = leader_only
+        self.timeout = timeout
+        self._direct = subjects.direct_get(stream) + "."
+        self._leader = f"$JS.API.STREAM.MSG.GET.{stream}"
+        self._many = direct.MultiLast(nc, stream, timeout)
+        self._together: Batcher[str, bytes | None] = Batcher(self._read_many, READS_TOGETHER)
+
+    async def last(self, order_id: str, kind: type[E]) -> E | None:
+        name = subject_of(kind)
+        data = await self.last_data(subjects.subject(name, order_id))
+        if data is None:
+            return None
+        found = _decoders[name].decode(data)
+        assert isinstance(found, kind)
+        return found
+
+    async def last_data(self, subject: str) -> bytes | None:
+        """The payload of the last message on ``subject``, or ``None``."""
+        if self.leader_only:
+            body = _encode({"last_by_subj": subject})
+            answer = await election.request(self.nc, self._leader, body, self.timeout)
+            got = _decode_reply(answer.data)
+            if got.error is not None:
+                if got.error.code == 404:
+                    return None
+                raise HistoryError(f"{self.stream}: reading {subject}: {got.error.description}")
+            assert got.message is not None
+            return base64.b64decode(got.message.data)
+        return await self._together(subject)
+
+    async def _read_many(self, wanted: Sequence[str]) -> list[bytes | None]:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                found = await self._many.get(wanted)
+                break
+            except nats.errors.NoRespondersError:
+                # Asked again while no server answers for the stream (orderflow.runtime.election).
+                if time.monotonic() + election.POLL >= deadline:
+                    raise
+                await asyncio.sleep(election.POLL)
+        data = {(msg.headers or {}).get("Nats-Subject", ""): msg.data for msg in found}
+        return [data.get(subject) for subject in wanted]
+
+
+class MessageHistory:
+    """The history one handled message sees: reads from the log, appends as its effects."""
+
+    def __init__(self, log: OrderLog, emitter: Emitter, cause: Msg, reads: frozenset[str]) -> None:
+        self.log = log
+        self.emitter = emitter
+        self.cause = cause
+        self.reads = reads
+        #: Ids of the events appended, so the runner does not publish them again.
+        self.appended: set[str] = set()
+
+    async def last(self, order_id: str, kind: type[E]) -> E | None:
+        if subject_of(kind) not in self.reads:
+            # A bug: streams.yaml is the list of what a function touches (and
+            # what its generated permissions allow it to read).
+            raise Permanent(
+                f"{self.emitter.function} read {subject_of(kind)}, not in "
+                f"functions.{self.emitter.function}.reads ({', '.join(sorted(self.reads))})"
+            )
+        return await self.log.last(order_id, kind)
+
+    async def append(self, event: Event) -> None:
+        self.emitter.check([event])
+        await self.emitter.emit(event, self.cause)
+        self.appended.add(event_id(event))

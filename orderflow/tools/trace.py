@@ -1,0 +1,457 @@
+"""Trace an order from the log itself: what happened, who did it, and who owes the next step.
+
+Choreography has no central record of a flow, but the log is one: every event
+names its emitter, its cause and its order (``orderflow.runtime.context``), failed
+attempts are noted in the retry log and given-up messages in the dead
+letters. This module reads all three for one order and lays them out as a
+causal timeline. When the order is not finished, :func:`waiting_on` says what
+the flow expects next and which function owes it, and the consumer of that
+function says whether anyone is there to do it.
+
+Nothing here scans: every message of an order is filed under its id
+(``orderflow.subjects``), so reading one order is a filtered read per stream
+(its events, its alarms, its retries, its dead letters) that the server's
+subject index answers, plus the payload-only ``orders.created`` it started
+from, fetched by the position its first reactions name as their cause. The
+cost is the order's own size, whatever the history's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+from nats.aio.client import Client
+
+from functions.events import TERMINAL_SUBJECTS
+from orderflow import subjects
+from orderflow.config import FunctionSpec, Mode, Topology
+from orderflow.runtime import context as ctx
+from orderflow.runtime import deadletter as dl
+from orderflow.runtime.decoding import order_of
+from orderflow.tools.status import ask_all
+from orderflow.tools.streamlog import Stored, read_at, read_subject
+
+
+@dataclass(frozen=True)
+class Step:
+    """An event of the order, placed in time and in its causal chain."""
+
+    sequence: int
+    time: datetime
+    subject: str
+    kind: str  # the event's kind, e.g. payments.succeeded
+    by: str  # the emitting function, or "client"
+    event_id: str
+    caused_by: str | None  # the subject of the cause
+    hop_ms: float | None  # since the cause was logged
+    payload: object
+
+
+@dataclass(frozen=True)
+class Aside:
+    """Something that happened to the order besides its events: a retry, a dead letter."""
+
+    time: datetime
+    kind: str  # "retry" | "dead letter"
+    function: str
+    subject: str
+    detail: str
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Owed:
+    function: str
+    what: str
+    since: datetime
+    consumer: dict[str, int] = field(default_factory=dict)
+    #: Dead letters of the owing function on a message that made the step due:
+    #: what holds the order (a redrive of one resumes it).
+    held_by: list[Aside] = field(default_factory=list)
+
+
+@dataclass
+class Trace:
+    order_id: str
+    steps: list[Step]
+    retries: list[Aside]
+    dead_letters: list[Aside]
+    owed: list[Owed]
+
+    @property
+    def outcome(self) -> str | None:
+        done = [s.kind for s in self.steps if s.kind in TERMINAL_SUBJECTS | {"orders.rejected"}]
+        return done[0].rsplit(".", 1)[1] if done else None
+
+
+# --- what should happen next -------------------------------------------------
+
+
+Owing = list[tuple[str, str, set[str]]]
+
+
+def waiting_on(logged: Sequence[str], mode: Mode = "choreography") -> Owing:
+    """Pure: (function, what it owes, the subjects that made it due) for an unfinished order.
+
+    ``logged``: the subjects of the order's messages, in log order.
+    """
+    if set(logged) & (TERMINAL_SUBJECTS | {"orders.rejected"}):
+        return []
+    if mode == "orchestration":
+        return _saga_waiting_on(logged)
+    return _choreography_waiting_on(set(logged))
+
+
+def _saga_waiting_on(logged: Sequence[str]) -> Owing:
+    """A saga does one thing at a time: the last command awaits its function's answer;
+    anything else awaits the orchestrator's next command. Fired deadlines and
+    alarms change neither: a command sent again is logged as one, and one that
+    is not (the step waits) is still owed by its function."""
+    timers = (subjects.ALARM, "saga.timeout")
+    last = next((kind for kind in reversed(logged) if kind not in timers), logged[-1])
+    command = last.split(".")
+    if len(command) == 3 and command[0] == "saga":  # saga.<function>.<verb>
+        return [(command[1], f"its answer to {last}", {last})]
+    return [("orchestrator", "the next command, or the terminal event", {last})]
+
+
+def _choreography_waiting_on(subjects: set[str]) -> Owing:
+    """The choreography read backwards: each rule is one reaction of README's
+    flow whose trigger is in the log and whose answer is not."""
+    paid, failed = "payments.succeeded" in subjects, "payments.failed" in subjects
+    reserved, short = "stock.reserved" in subjects, "stock.unavailable" in subjects
+    owed = []
+    if not (paid or failed):
+        owed.append(("payment", "payments.succeeded or payments.failed", {"orders.created"}))
+    if not (reserved or short):
+        owed.append(("stock", "stock.reserved or stock.unavailable", {"orders.created"}))
+    if paid and reserved and "delivery.scheduled" not in subjects:
+        owed.append(("delivery", "delivery.scheduled", {"payments.succeeded", "stock.reserved"}))
+    if failed and reserved and "stock.released" not in subjects:
+        owed.append(("stock", "stock.released", {"payments.failed", "stock.reserved"}))
+    if paid and short and "payments.refunded" not in subjects:
+        owed.append(("payment", "payments.refunded", {"payments.succeeded", "stock.unavailable"}))
+    if not owed:
+        owed.append(
+            ("order", "orders.completed or orders.cancelled", subjects - {"orders.created"})
+        )
+    return owed
+
+
+# --- reading the log ---------------------------------------------------------
+
+
+def _order_of(stored: Stored) -> str | None:
+    return stored.headers.get(ctx.CORRELATION_ID) or order_of(stored.subject, stored.data)
+
+
+def _payload(data: bytes) -> object:
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return data.decode(errors="replace")
+
+
+def steps_of(events: list[Stored], stream: str = "ORDERS") -> list[Step]:
+    by_id: dict[str, Stored] = {}
+    steps = []
+    for e in events:
+        event_id = ctx.input_event_id(e.headers, stream, e.sequence)
+        by_id[event_id] = e
+        cause = by_id.get(e.headers.get(ctx.CAUSATION_ID, ""))
+        steps.append(
+            Step(
+                sequence=e.sequence,
+                time=e.time,
+                subject=e.subject,
+                kind=e.kind,
+                by=e.headers.get(ctx.FUNCTION, "client"),
+                event_id=event_id,
+                caused_by=cause.kind if cause else None,
+                hop_ms=(e.time - cause.time).total_seconds() * 1000 if cause else None,
+                payload=_payload(e.data),
+            )
+        )
+    return steps
+
+
+async def _consumer_state(nc: Client, topology: Topology, function: str) -> dict[str, int]:
+    js = nc.jetstream()
+    state = {"pending": 0, "unacked": 0, "redelivered": 0, "fetching": 0}
+    for consumer in topology.functions[function].consumers:
+        info = await js.consumer_info(consumer.stream, consumer.durable)
+        state["pending"] += info.num_pending or 0
+        state["unacked"] += info.num_ack_pending or 0
+        state["redelivered"] += info.num_redelivered or 0
+        state["fetching"] += info.num_waiting or 0  # pull requests outstanding
+    return state
+
+
+async def order_messages(nc: Client, topology: Topology, order_id: str) -> list[Stored]:
+    """Everything the events stream (and the timers stream) holds about one order, in time
+    order: one filtered read each, plus the payload-only ingress its reactions name."""
+    stream = topology.events_stream
+    found = await read_subject(nc, stream, subjects.of_order(order_id))
+    if topology.timers_stream is not None and topology.mode == "orchestration":
+        # The orchestrator's fired deadlines: the cause of a command sent again.
+        found += await read_subject(
+            nc, topology.timers_stream, subjects.of_order(order_id, subjects.TIMER)
+        )
+    ingress = {
+        seq for s in found if (seq := _position(s.headers.get(ctx.CAUSATION_ID, ""), stream))
+    }
+    ingress -= {s.sequence for s in found}
+    for sequence in sorted(ingress):
+        stored = await read_at(nc, stream, sequence)
+        if stored is not None and _order_of(stored) == order_id:
+            found.append(stored)
+    if not any(s.kind == subjects.INGRESS for s in found):
+        # Nothing has reacted to it yet (its readers are down or behind): a
+        # payload-only orders.created is then still past their ack floors.
+        found += [
+            s for s in await _unsettled(nc, topology, subjects.INGRESS) if _order_of(s) == order_id
+        ][:1]
+    found.sort(key=lambda stored: stored.time)
+    return found
+
+
+async def _unsettled(nc: Client, topology: Topology, kind: str | None = None) -> list[Stored]:
+    """Every message some consumer has not settled yet (past its ack floor), of ``kind``
+    or of any kind it reads; each consumer's share is one filtered read per kind."""
+    js = nc.jetstream()
+    found: dict[tuple[str, int], Stored] = {}
+    for fn in topology.functions.values():
+        for consumer in fn.consumers:
+            kinds = sorted(k for k in consumer.events if kind is None or k == kind)
+            if not kinds:
+                continue
+            info = await js.consumer_info(consumer.stream, consumer.durable)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            for pattern in (p for k in kinds for p in subjects.filters(k)):
+                for stored in await read_subject(nc, consumer.stream, pattern, floor + 1):
+                    found[(consumer.stream, stored.sequence)] = stored
+    return list(found.values())
+
+
+def _position(event_id: str, stream: str) -> int | None:
+    """The sequence in ``stream`` an id names, when it is a position (``ORDERS:17``)."""
+    head, _, tail = event_id.partition(":")
+    return int(tail) if head == stream and tail.isdigit() else None
+
+
+async def _asides(nc: Client, topology: Topology, order_id: str) -> tuple[list[Aside], list[Aside]]:
+    """The order's failed attempts and dead letters, each one filtered read."""
+    retries = []
+    if topology.retry_log is not None:
+        log = topology.retry_log
+        for stored in await read_subject(
+            nc, log.stream, subjects.retry_note(log.subject_prefix, order_id, ">")
+        ):
+            note = _payload(stored.data)
+            if isinstance(note, dict):
+                detail = (
+                    f"attempt {note.get('attempt')} failed, again in {note.get('delay_s')} s: "
+                    f"{note.get('error')}"
+                )
+                retries.append(
+                    Aside(stored.time, "retry", str(note.get("function")),
+                          subjects.kind_of(str(note.get("subject"))), detail, note)
+                )  # fmt: skip
+    dead = []
+    letters = topology.dead_letters
+    for stored in await read_subject(
+        nc, letters.stream, subjects.dead_letter(letters.subject_prefix, order_id, ">")
+    ):
+        h = stored.headers
+        detail = f"dead letter {stored.sequence}: {h.get(dl.REASON, '')}"
+        dead.append(
+            Aside(stored.time, "dead letter", h.get(dl.FUNCTION, "?"),
+                  subjects.kind_of(h.get(dl.SUBJECT, "?")), detail, {"id": stored.sequence})
+        )  # fmt: skip
+    return retries, dead
+
+
+async def load(nc: Client, topology: Topology, order_ids: Iterable[str]) -> dict[str, Trace]:
+    """Traces of ``order_ids`` (those with anything in the log); each costs its own size."""
+    found: dict[str, tuple[list[Step], list[Aside], list[Aside]]] = {}
+    for order_id in order_ids:
+        messages = await order_messages(nc, topology, order_id)
+        retries, dead = await _asides(nc, topology, order_id)
+        if messages:
+            found[order_id] = (steps_of(messages, topology.events_stream), retries, dead)
+    owing = {
+        order_id: waiting_on([s.kind for s in steps], topology.mode)
+        for order_id, (steps, _, _) in found.items()
+    }
+    owing_functions = {f for owed in owing.values() for f, _, _ in owed if f in topology.functions}
+    consumers = {name: await _consumer_state(nc, topology, name) for name in owing_functions}
+    # Instances answering the NATS micro protocol, asked only of functions owing a step.
+    for name in owing_functions:
+        consumers[name]["instances"] = len(await ask_all(nc, f"$SRV.PING.{subjects.service(name)}"))
+    traces = {}
+    for order_id, (steps, retries, dead) in found.items():
+        owed = []
+        for function, what, due_to in owing[order_id]:
+            since = max((s.time for s in steps if s.kind in due_to), default=steps[0].time)
+            held = [d for d in dead if d.function == function and d.subject in due_to]
+            owed.append(Owed(function, what, since, consumers.get(function, {}), held))
+        traces[order_id] = Trace(order_id, steps, retries, dead, owed)
+    return traces
+
+
+async def in_flight(nc: Client, topology: Topology) -> set[str]:
+    """Every order that may be unfinished, found without reading the history.
+
+    An order that is not finished is waiting for some function, so one of its
+    messages is either not yet settled by that function's consumer (past the
+    consumer's ack floor: waiting, in hand, or settled out of order just
+    now) or in the dead letters. Reading exactly those costs what the
+    unfinished orders (and the consumers' windows) cost, however long the
+    history behind them.
+    """
+    found = {o for s in await _unsettled(nc, topology) if (o := order_of(s.subject, s.data))}
+    letters = topology.dead_letters
+    for stored in await read_subject(nc, letters.stream, f"{letters.subject_prefix}.>"):
+        head = stored.subject.split(".")  # dlq.<ID>.<function>
+        if len(head) >= 3 and head[1] != subjects.NO_ORDER:
+            found.add(head[1])
+    return found
+
+
+async def stuck(nc: Client, topology: Topology, older_than: float, now: datetime) -> list[Trace]:
+    """Unfinished orders that started more than ``older_than`` seconds before ``now``."""
+    traces = await load(nc, topology, sorted(await in_flight(nc, topology)))
+    late = [
+        t
+        for t in traces.values()
+        if not t.outcome and (now - t.steps[0].time).total_seconds() >= older_than
+    ]
+    return sorted(late, key=lambda t: t.steps[0].time)
+
+
+# --- rendering ---------------------------------------------------------------
+
+
+def _ago(since: datetime, now: datetime) -> str:
+    return f"{(now - since).total_seconds():.1f} s ago"
+
+
+def render(trace: Trace, now: datetime) -> str:
+    t0 = trace.steps[0].time
+    done = trace.outcome
+    took = (trace.steps[-1].time - t0).total_seconds() * 1000
+    head = f"order {trace.order_id}: " + (
+        f"{done} in {took:.1f} ms" if done else f"NOT FINISHED, started {_ago(t0, now)}"
+    )
+    head += f" ({len(trace.steps)} events, {len(trace.retries)} retries, "
+    head += f"{len(trace.dead_letters)} dead letters)"
+    lines = [head, ""]
+    ev = max(20, *(len(s.kind) for s in trace.steps))
+    by = max(9, *(len(s.by) for s in trace.steps))
+    lines.append(f"  {'at':>10}  {'event':<{ev}} {'by':<{by}} {'caused by':<{ev}} {'hop':>9}")
+    for s in trace.steps:
+        hop = f"{s.hop_ms:.1f} ms" if s.hop_ms is not None else ""
+        at = f"+{(s.time - t0).total_seconds() * 1000:.1f} ms"
+        cause = s.caused_by or ""
+        lines.append(f"  {at:>10}  {s.kind:<{ev}} {s.by:<{by}} {cause:<{ev}} {hop:>9}")
+    for a in sorted(trace.retries + trace.dead_letters, key=lambda a: a.time):
+        at = f"+{(a.time - t0).total_seconds() * 1000:.1f} ms"
+        lines.append(f"  {at:>10}  {a.kind.upper()}: {a.function} on {a.subject}: {a.detail}")
+    for o in trace.owed:
+        c = o.consumer
+        lines.append(
+            f"\n  waiting for {o.what}: {o.function} owes it (due since {_ago(o.since, now)}); "
+            f"consumer {o.function}: {c.get('pending', 0):,} pending, {c.get('unacked', 0):,} "
+            f"unacked, {c.get('instances', 0)} instances answering"
+            + (" - is any instance running?" if not c.get("instances") else "")
+        )
+        for d in o.held_by:
+            lines.append(
+                f"  HELD by dead letter {d.fields.get('id')} ({d.detail}); once the cause is "
+                f"fixed: runner.py dlq redrive {d.fields.get('id')}"
+            )
+    return "\n".join(lines)
+
+
+def as_json(trace: Trace, now: datetime) -> dict[str, object]:
+    return {
+        "order_id": trace.order_id,
+        "outcome": trace.outcome,
+        "steps": [
+            {
+                "sequence": s.sequence,
+                "time": s.time.isoformat(),
+                "subject": s.subject,
+                "kind": s.kind,
+                "by": s.by,
+                "event_id": s.event_id,
+                "caused_by": s.caused_by,
+                "hop_ms": s.hop_ms,
+                "payload": s.payload,
+            }
+            for s in trace.steps
+        ],
+        "retries": [_aside_json(a) for a in trace.retries],
+        "dead_letters": [_aside_json(a) for a in trace.dead_letters],
+        "waiting_for": [
+            {
+                "function": o.function,
+                "what": o.what,
+                "due_for_s": (now - o.since).total_seconds(),
+                "consumer": o.consumer,
+                "held_by_dead_letters": [d.fields.get("id") for d in o.held_by],
+            }
+            for o in trace.owed
+        ],
+    }
+
+
+def _aside_json(a: Aside) -> dict[str, object]:
+    return {"time": a.time.isoformat(), "function": a.function, "subject": a.subject,
+            "detail": a.detail, **a.fields}  # fmt: skip
+
+
+def _consumed(fn: FunctionSpec) -> set[str]:
+    return {k for c in fn.consumers for k in c.events}
+
+
+def _node(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name)
+
+
+def mermaid_sequence(trace: Trace, topology: Topology) -> str:
+    """The order as a Mermaid sequence diagram: each event from its emitter to its readers."""
+    readers = {
+        kind: [name for name, fn in topology.functions.items() if kind in _consumed(fn)]
+        for kind in {s.kind for s in trace.steps}
+    }
+    lines = ["sequenceDiagram", "  participant client"]
+    lines += [f"  participant {name}" for name in topology.functions]
+    for s in trace.steps:
+        for reader in readers[s.kind] or ["client"]:
+            hop = f" (+{s.hop_ms:.0f} ms)" if s.hop_ms is not None else ""
+            lines.append(f"  {s.by}->>{reader}: {s.kind}{hop}")
+    for a in sorted(trace.retries + trace.dead_letters, key=lambda a: a.time):
+        lines.append(f"  Note over {a.function}: {a.kind} on {a.subject}")
+    return "\n".join(lines)
+
+
+def mermaid_map(topology: Topology) -> str:
+    """The topology of ``streams.yaml`` as a Mermaid flowchart: who consumes and emits what."""
+    lines = ["flowchart LR"]
+    kinds = sorted(
+        {k for fn in topology.functions.values() for k in _consumed(fn)}
+        | {k for fn in topology.functions.values() for k in fn.emits}
+    )
+    lines += [f'  {_node(k)}(["{k}"])' for k in kinds]
+    for name, fn in topology.functions.items():
+        lines.append(f"  {_node(name)}[[{name}]]")
+        for kind in sorted(_consumed(fn)):
+            lines.append(f"  {_node(kind)} --> {_node(name)}")
+        for kind in fn.emits:
+            lines.append(f"  {_node(name)} --> {_node(kind)}")
+    return "\n".join(lines)
