@@ -13,11 +13,7 @@ from __future__ import annotations
 
 
 class Retry(Exception):
-    """Try this message again later; ``defer`` (seconds) overrides the backoff schedule."""
-
-    def __init__(self, reason: str, *, defer: float | None = None) -> None:
-        super().__init__(reason)
-        self.defer = defer
+    """Try this message again later, on the function's backoff schedule."""
 
 
 class Permanent(Exception):

@@ -8,11 +8,12 @@ same rules, so a handler tested on one behaves the same on the other:
 
 * ``get`` returns the value with its revision, or ``None``; ``get_many`` the
   same for many keys at once, as of one moment (one round trip on a bucket).
-* ``commit`` applies every write or none. Each write names the revision it was
-  decided on (0: "the key must not exist yet"); if any key moved since,
-  nothing is written and ``commit`` returns 0: read again, decide again.
-  Otherwise it returns the new revision (of the last write), so a handler can
-  write the key again without reading it back. This is what lets two
+* ``commit`` writes one key. The write names the revision it was decided on
+  (0: "the key must not exist yet"); if the key moved since, nothing is
+  written and ``commit`` returns 0: read again, decide again. Otherwise it
+  returns the new revision, so a handler can write the key again without
+  reading it back. No write spans two keys (``functions/stock.py`` says why
+  none needs to). This is what lets two
   replicas, or a redelivery racing the original, share state without
   double-counting.
 """
@@ -51,8 +52,8 @@ class Store(Protocol):
         """Every key of ``keys`` that has a value (absent keys are left out)."""
         ...
 
-    async def commit(self, *writes: Write) -> int:
-        """The new revision of the (last) key written; 0: a key moved, nothing was written."""
+    async def commit(self, write: Write) -> int:
+        """The key's new revision; 0: it moved, nothing was written."""
         ...
 
 
@@ -75,15 +76,13 @@ class MemoryStore:
         found = {key: await self.get(key, type) for key in dict.fromkeys(keys)}
         return {key: entry for key, entry in found.items() if entry is not None}
 
-    async def commit(self, *writes: Write) -> int:
-        for write in writes:
-            current = self.data.get(write.key)
-            if (current[1] if current else 0) != write.revision:
-                return 0
-        for write in writes:
-            # One counter for the whole store, like a KV bucket's stream sequence.
-            self._revision += 1
-            self.data[write.key] = (msgspec.json.encode(write.value), self._revision)
+    async def commit(self, write: Write) -> int:
+        current = self.data.get(write.key)
+        if (current[1] if current else 0) != write.revision:
+            return 0
+        # One counter for the whole store, like a KV bucket's stream sequence.
+        self._revision += 1
+        self.data[write.key] = (msgspec.json.encode(write.value), self._revision)
         return self._revision
 
 

@@ -25,8 +25,8 @@ class InterleavingStore(MemoryStore):
         await asyncio.sleep(0)  # let the other handler read the same revision
         return found
 
-    async def commit(self, *writes: Write) -> int:
-        revision = await super().commit(*writes)
+    async def commit(self, write: Write) -> int:
+        revision = await super().commit(write)
         self.conflicts += not revision
         return revision
 
@@ -63,13 +63,12 @@ class HookedStore:
         found = {key: await self.get(key, type) for key in dict.fromkeys(keys)}
         return {key: entry for key, entry in found.items() if entry is not None}
 
-    async def commit(self, *writes: Write) -> int:
-        for write in writes:
-            if hook := self.before_write.pop(write.key, None):
-                await hook()
-        revision = await self.base.commit(*writes)
+    async def commit(self, write: Write) -> int:
+        if hook := self.before_write.pop(write.key, None):
+            await hook()
+        revision = await self.base.commit(write)
         if revision:
-            self.writes += [(write.key, write.value, revision) for write in writes]
+            self.writes.append((write.key, write.value, revision))
         return revision
 
 
@@ -91,10 +90,10 @@ class CrashingStore(MemoryStore):
             raise Crashed
         return await super().get(key, type)
 
-    async def commit(self, *writes: Write) -> int:
+    async def commit(self, write: Write) -> int:
         if self.written >= self.crash_after:
             raise Crashed
-        revision = await super().commit(*writes)
+        revision = await super().commit(write)
         self.written += bool(revision)
         if self.written >= self.crash_after:
             raise Crashed

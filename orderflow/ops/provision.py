@@ -76,8 +76,8 @@ def stream_config(
 
 
 def bucket_config(spec: BucketSpec, default_replicas: int = 1) -> StreamConfig:
-    # The stream nats-py's create_key_value would make, plus allow_atomic for
-    # multi-key commits; declared here so that it is reconciled like the rest.
+    # The stream nats-py's create_key_value would make, declared here so that
+    # it is reconciled like the rest.
     return StreamConfig(
         name=stream_name(spec.name),
         subjects=[f"$KV.{spec.name}.>"],
@@ -88,7 +88,6 @@ def bucket_config(spec: BucketSpec, default_replicas: int = 1) -> StreamConfig:
         allow_rollup_hdrs=True,
         deny_delete=True,
         allow_direct=True,
-        allow_atomic=True,
         duplicate_window=120.0,
         max_age=0.0,  # no limit; said out loud, or the server's 0 reads as drift from None
     )
@@ -101,7 +100,6 @@ _STREAM_FIELDS = (
     "duplicate_window",
     "max_age",
     "max_msgs_per_subject",
-    "allow_atomic",
     "allow_msg_schedules",
     "allow_rollup_hdrs",
     "allow_msg_ttl",

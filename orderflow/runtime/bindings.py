@@ -33,7 +33,7 @@ from functions.state import Store
 from orderflow.config import ConfigError, Topology, seconds
 from orderflow.runtime.batch import Batcher
 from orderflow.runtime.gateway import SimulatedGateway
-from orderflow.runtime.worker import Handler
+from orderflow.runtime.pipeline import Handler
 
 Buckets = Callable[[str], Store]
 

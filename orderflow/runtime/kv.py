@@ -3,23 +3,19 @@
 A KV bucket is a stream (``KV_<bucket>``) whose subjects are the keys; a key's
 revision is the stream sequence of its last write. So compare-and-set is a
 publish with ``Nats-Expected-Last-Subject-Sequence`` (0: the key must not
-exist), and an all-or-nothing commit of several keys is an *atomic batch*
-(nats-server 2.12+, ``allow_atomic`` on the stream): every write carries its
-own expected sequence, and the server applies all of them or none.
+exist). No write spans two keys: an atomic batch costs many times a single
+write on file storage (bench/README.md), and the handlers are built so they
+never need one (functions/stock.py says how).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import TypeVar
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
-from nats.nuid import NUID
 
 from functions.state import Versioned, Write
 from orderflow.runtime import direct, election
@@ -67,7 +63,6 @@ class KvStore:
         self.bucket = bucket
         self.stream = stream_name(bucket)
         self.timeout = timeout
-        self._nuid = NUID()
         self._written: Counter[str] = Counter()  # writes per key, for the after-write failpoint
         self._direct_get = f"$JS.API.DIRECT.GET.{self.stream}.$KV.{bucket}."
         self._many = direct.MultiLast(nc, self.stream, timeout)
@@ -102,60 +97,17 @@ class KvStore:
             found[key] = Versioned(value, int(headers["Nats-Sequence"]))
         return found
 
-    async def commit(self, *writes: Write) -> int:
-        revision = await self._commit(writes)
-        if revision and failpoints_armed:
-            for write in writes:
-                self._written[write.key] += 1
-                crash_point("after-write", self.bucket, write.key, str(self._written[write.key]))
-        return revision
-
-    async def _commit(self, writes: tuple[Write, ...]) -> int:
-        if len(writes) == 1:
-            write = writes[0]
-            headers = {EXPECTED_SUBJECT_SEQ: str(write.revision)}
-            # Asked again while the bucket is between leaders (orderflow.runtime.election).
-            return await self._publish(write, headers, through_election=True)
-        # Nobody answering the commit means nobody received it (the bucket is
-        # between leaders, orderflow.runtime.election): nothing was applied, so the
-        # whole batch is sent again, under a new id, until the timeout.
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                return await self._batch(writes)
-            except nats.errors.NoRespondersError:
-                if time.monotonic() + election.POLL >= deadline:
-                    raise
-                await asyncio.sleep(election.POLL)
-
-    async def _batch(self, writes: tuple[Write, ...]) -> int:
-        # An atomic batch: the writes stage on the server and apply, or not,
-        # when the last one (the commit) arrives; only the commit is answered.
-        batch_id = self._nuid.next().decode()
-        for sequence, write in enumerate(writes, start=1):
-            headers = {
-                "Nats-Batch-Id": batch_id,
-                "Nats-Batch-Sequence": str(sequence),
-                EXPECTED_SUBJECT_SEQ: str(write.revision),
-            }
-            if sequence < len(writes):
-                await self.nc.publish(
-                    self._subject(write.key), msgspec.json.encode(write.value), headers=headers
-                )
-            else:
-                headers["Nats-Batch-Commit"] = "1"
-                return await self._publish(write, headers, through_election=False)
-        raise AssertionError("unreachable")
-
-    async def _publish(self, write: Write, headers: dict[str, str], through_election: bool) -> int:
-        """The new revision; 0 when the key moved (compare-and-set lost)."""
+    async def commit(self, write: Write) -> int:
+        """The key's new revision; 0 when it moved (compare-and-set lost)."""
         subject, payload = self._subject(write.key), msgspec.json.encode(write.value)
-        if through_election:
-            reply = await election.request(self.nc, subject, payload, self.timeout, headers)
-        else:
-            reply = await self.nc.request(subject, payload, timeout=self.timeout, headers=headers)
+        headers = {EXPECTED_SUBJECT_SEQ: str(write.revision)}
+        # Asked again while the bucket is between leaders (orderflow.runtime.election).
+        reply = await election.request(self.nc, subject, payload, self.timeout, headers)
         answer = _decode_ack(reply.data)
         if answer.error is None:
+            if failpoints_armed:
+                self._written[write.key] += 1
+                crash_point("after-write", self.bucket, write.key, str(self._written[write.key]))
             return answer.seq
         if answer.error.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_FLIGHT):
             return 0

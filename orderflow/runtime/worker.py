@@ -1,20 +1,19 @@
 """The loop of one function process: pull, decode, handle, publish, ack.
 
-Messages come from ``orderflow.runtime.pull`` (asked for ahead, up to the function's
-concurrency, each started the moment it arrives). For every message, in this
-order:
+Messages come from ``orderflow.runtime.pull`` (asked for ahead, up to the
+function's concurrency, each started the moment it arrives). Each goes
+through ``orderflow.runtime.pipeline`` (the steps the offline replay takes
+too), with the order's history as this message sees it
+(``orderflow.runtime.history``: reads, and appends a handler may make before
+reading on); then, by what the pipeline says:
 
-1. delivered more often than the function allows -> dead letter (the processes
-   handling it kept dying: a poison message must not crash-loop forever);
-2. too large, undecodable, invalid or over ``limits`` -> dead letter at once (retrying cannot
-   fix bytes), and an ``orders.rejected`` where the function answers those;
-3. call the handler with the decoded Struct and the order's history as this
-   message sees it (``orderflow.runtime.history``: reads, and appends it may make
-   before reading on);
-4. emit what it returned (``orderflow.runtime.emit``: on the order's subject, with the
-   context headers, refused by the stream if the order has that kind
-   already), and wait for every publish ack;
-5. only then ack the input.
+* emit: publish what the handler returned (``orderflow.runtime.emit``: on the
+  order's subject, with the context headers, refused by the stream if the
+  order has that kind already), wait for every publish ack, and only then
+  ack the input;
+* dead letter: file the input with the reason (and answer an invalid order
+  on ``orders.rejected``), then ack it;
+* again: hand it back with a delay.
 
 A process killed anywhere in between leaves the input unacked: it comes back
 after ``ack_wait``, the handler finds its own earlier effects (in the order's
@@ -32,28 +31,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from functions.errors import Permanent, Retry
-from functions.events import Event, OrderRejected, event_id, subject_of
-from functions.history import History
+from functions.events import Event, event_id, subject_of
 from orderflow import subjects
 from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
+from orderflow.runtime import pipeline
 from orderflow.runtime.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, input_event_id
 from orderflow.runtime.deadletter import DeadLetters
-from orderflow.runtime.decoding import Invalid, claimed_order_id, decode
 from orderflow.runtime.emit import Emitter
 from orderflow.runtime.failpoints import crash_point
 from orderflow.runtime.history import MessageHistory, OrderLog
 from orderflow.runtime.logs import fields
 from orderflow.runtime.metrics import Counters
+from orderflow.runtime.pipeline import Handler
 from orderflow.runtime.pull import Puller
 
-Handler = Callable[[Event, History], Awaitable[Sequence[Event]]]
 #: The messages in hand, by reply subject (unique per delivery): the message and
 #: when the server last heard from us about it.
 Held = dict[str, tuple[Msg, float]]
@@ -143,84 +140,71 @@ class Worker:
 
     async def _process(self, msg: Msg, consumer: ConsumerSpec) -> None:
         attempt = msg.metadata.num_delivered
-        if attempt > consumer.max_deliver:
-            # First, before anything that could fail again: whatever kept this
-            # message from being settled (a process dying on it, a bug), it
-            # ends here, in the dead letters, not in an endless loop.
-            reason = (
-                f"delivered {attempt} times (max_deliver {consumer.max_deliver}) without an answer"
-            )
-            await self._dead_letter(msg, reason)
+        admitted = pipeline.admit(
+            self.spec, msg.subject, msg.data, attempt, consumer.max_deliver,
+            self.limits, self.max_payload,
+        )  # fmt: skip
+        if isinstance(admitted, pipeline.DeadLetter):
+            await self._give_up(msg, admitted)
             return
-        event = decode(msg.subject, msg.data, self.max_payload, self.limits)
-        if isinstance(event, Invalid):
-            if event.rejectable:
-                await self._reject(msg, event.reason)
-            else:
-                await self._dead_letter(msg, event.reason)
-            return
+        event = admitted
         meta = msg.metadata
         input_id = input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)
         context = fields(self.name, msg.subject, event.order_id, input_id)
         started = time.perf_counter_ns()
         kind = subject_of(type(event))
         history = MessageHistory(self.log, self.emitter, msg, self.reads)
-        try:
-            emitted = await self.handler(event, history)
-            crash_point("after-handle", self.name, event.order_id, kind)
-            await self._publish(emitted, history)
-            crash_point("after-publish", self.name, event.order_id, kind)
-        except Permanent as exc:
-            self._failed(exc)
-            await self._dead_letter(msg, f"permanent failure: {exc}")
+        outcome = await pipeline.handle(
+            self.name, self.spec, self.handler, event, history, attempt, consumer.max_deliver
+        )
+        if isinstance(outcome, pipeline.Emit):
+            try:
+                crash_point("after-handle", self.name, event.order_id, kind)
+                await self._publish(outcome.events, history)
+                crash_point("after-publish", self.name, event.order_id, kind)
+            except Exception as exc:  # not stored: the same as a failed attempt
+                outcome = pipeline.failure(event, exc, attempt, consumer.max_deliver)
+        if isinstance(outcome, pipeline.DeadLetter):
+            await self._give_up(msg, outcome)
             return
-        except Exception as exc:
-            self._failed(exc)
-            if attempt >= consumer.max_deliver:
-                reason = f"failed {attempt} attempts; last error: {type(exc).__name__}: {exc}"
-                await self._dead_letter(msg, reason)
-                return
-            delay = exc.defer if isinstance(exc, Retry) and exc.defer is not None else None
-            delay = self.spec.retry.delay(attempt) if delay is None else delay
+        if isinstance(outcome, pipeline.Again):
+            error = outcome.error
+            self._failed(error)
+            delay = self.spec.retry.delay(attempt)
             log.warning(
                 "%s: %s for order %s failed (attempt %d), retrying in %.2fs: %s: %s",
-                self.name, kind, event.order_id, attempt, delay, type(exc).__name__, exc,
+                self.name, kind, event.order_id, attempt, delay, type(error).__name__, error,
                 extra=context,
             )  # fmt: skip
             await msg.nak(delay=delay)
             self.counters.retried += 1
-            await self._note_retry(msg, event, delay, exc)
+            await self._note_retry(msg, event, delay, error)
             return
         await msg.ack()
         self.counters.processed += 1
         self.counters.processing_ns += time.perf_counter_ns() - started
         if log.isEnabledFor(logging.DEBUG):
-            outputs = ", ".join(subject_of(type(e)) for e in emitted) or "nothing"
+            outputs = ", ".join(subject_of(type(e)) for e in outcome.events) or "nothing"
             log.debug("%s: %s for order %s -> %s", self.name, kind, event.order_id,
                       outputs, extra=context)  # fmt: skip
+
+    async def _give_up(self, msg: Msg, letter: pipeline.DeadLetter) -> None:
+        """Dead-letter the input with the reason; answer its publisher when there is one."""
+        if letter.error is not None:
+            self._failed(letter.error)
+        if letter.rejection is not None:
+            # One rejection per rejected message, however often it is delivered.
+            meta = msg.metadata
+            rejection_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
+            await self.emitter.emit(letter.rejection, msg, message_id=rejection_id)
+        await self.dead_letters.add(msg, letter.reason)
+        self.counters.dead_lettered += 1
 
     def _failed(self, exc: Exception) -> None:
         self.counters.failed += 1
         self.counters.last_error = f"{type(exc).__name__}: {exc}"[:500]
 
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await self.dead_letters.add(msg, reason)
-        self.counters.dead_lettered += 1
-
-    async def _reject(self, msg: Msg, reason: str) -> None:
-        """Dead-letter an input that can never be handled; tell its publisher when we can."""
-        if subjects.kind_of(msg.subject) in self.spec.reject_invalid:
-            order_id = subjects.parse(msg.subject)[0] or claimed_order_id(msg.data)
-            if order_id is not None:
-                meta = msg.metadata
-                rejection = OrderRejected(order_id, reason=reason[:500])
-                # One rejection per rejected message, however often it is delivered.
-                rejection_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
-                await self.emitter.emit(rejection, msg, message_id=rejection_id)
-        await self._dead_letter(msg, reason)
-
     async def _publish(self, events: Sequence[Event], history: MessageHistory) -> None:
-        self.emitter.check(events)
         # Concurrently: the input is acked only once every ack is in.
         await asyncio.gather(
             *(

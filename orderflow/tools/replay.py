@@ -41,7 +41,6 @@ from functions.events import (
     AnyOrderId,
     Command,
     Event,
-    OrderRejected,
     StepTimedOut,
     event_id,
     subject_of,
@@ -52,9 +51,9 @@ from orderflow import subjects
 from orderflow.config import FunctionSpec, Topology, load_inventory
 from orderflow.ops.provision import provision, seed_levels
 from orderflow.ops.server import EmbeddedServer
+from orderflow.runtime import pipeline
 from orderflow.runtime.bindings import build_handler
 from orderflow.runtime.context import FUNCTION
-from orderflow.runtime.decoding import Invalid, claimed_order_id, decode
 from orderflow.runtime.emit import check_emits
 from orderflow.tools.recording import Recorded
 from orderflow.tools.streamlog import read_stream
@@ -218,31 +217,30 @@ async def run_offline(
         while queue:
             name, subject, data, attempt = queue.popleft()
             kind = subjects.kind_of(subject)
-            event = decode(subject, data, max_payload, topology.limits)
-            if isinstance(event, Invalid):
-                order_id = subjects.parse(subject)[0] or claimed_order_id(data)
-                rejects = kind in topology.functions[name].reject_invalid
-                if rejects and event.rejectable and order_id is not None:
-                    rejection = OrderRejected(order_id, reason=event.reason[:500])
-                    publish(rejection, f"orders.rejected:input:{sequence}", queue)
-                result.dead_letters.append((name, kind, event.reason))
-                continue
             spec = topology.functions[name]
-            history = ReplayHistory(log, name, spec, partial(publish, message_id=None, queue=queue))
-            try:
-                emitted = await handlers[name](event, history)
-                check_emits(name, spec.emits, emitted)
-            except Permanent as exc:
-                result.dead_letters.append((name, kind, f"permanent failure: {exc}"))
-                continue
-            except Exception as exc:
-                if attempt >= attempts:
-                    result.dead_letters.append((name, kind, f"{type(exc).__name__}: {exc}"))
-                else:
-                    queue.append((name, subject, data, attempt + 1))
-                continue
-            for out in emitted:
-                publish(out, None, queue)
+            # The worker's own steps (orderflow.runtime.pipeline); a transient
+            # failure is tried again later, up to ``attempts``, as redelivery would.
+            admitted = pipeline.admit(spec, subject, data, attempt, attempts, topology.limits,
+                                      max_payload)  # fmt: skip
+            outcome: pipeline.Outcome
+            if isinstance(admitted, pipeline.DeadLetter):
+                outcome = admitted
+            else:
+                history = ReplayHistory(
+                    log, name, spec, partial(publish, message_id=None, queue=queue)
+                )
+                outcome = await pipeline.handle(
+                    name, spec, handlers[name], admitted, history, attempt, attempts
+                )
+            if isinstance(outcome, pipeline.DeadLetter):
+                if outcome.rejection is not None:
+                    publish(outcome.rejection, f"orders.rejected:input:{sequence}", queue)
+                result.dead_letters.append((name, kind, outcome.reason))
+            elif isinstance(outcome, pipeline.Again):
+                queue.append((name, subject, data, attempt + 1))
+            else:
+                for out in outcome.events:
+                    publish(out, None, queue)
     return result
 
 

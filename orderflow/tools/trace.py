@@ -156,7 +156,7 @@ def _payload(data: bytes) -> object:
         return data.decode(errors="replace")
 
 
-def steps_of(events: list[Stored], stream: str = "ORDERS") -> list[Step]:
+def steps_of(events: list[Stored], stream: str) -> list[Step]:
     by_id: dict[str, Stored] = {}
     steps = []
     for e in events:

@@ -19,7 +19,8 @@ from orderflow import config
 from orderflow.config import Topology
 from orderflow.ops.provision import provision
 from orderflow.runtime.deadletter import TIME
-from orderflow.runtime.worker import Handler, Worker
+from orderflow.runtime.pipeline import Handler
+from orderflow.runtime.worker import Worker
 from tests.conftest import StartFlow
 from tests.flowkit import order
 

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from functions import events as events_mod
 from functions.events import (
     EVENT_CLASSES,
     EVENT_TYPES,
@@ -153,6 +154,12 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
     }
     assert dict(EVENT_TYPES) == expected
     assert set(EVENT_TYPES.values()) == set(EVENT_CLASSES)
+    # Found from the definitions: every class of the module with a subject as its tag.
+    defined = {
+        c for c in vars(events_mod).values()
+        if isinstance(c, type) and issubclass(c, Event) and "." in str(c.__struct_config__.tag)
+    }  # fmt: skip
+    assert set(EVENT_CLASSES) == defined and len(defined) == 18
     for subject, cls in EVENT_TYPES.items():
         assert subject_of(cls) == subject
 

@@ -61,10 +61,10 @@ class UncertainStore(MemoryStore):
             return Versioned(msgspec.json.decode(old[0], type=type), old[1])
         return await super().get(key, type)
 
-    async def commit(self, *writes: Write) -> int:
+    async def commit(self, write: Write) -> int:
         number, self.commits = self.commits, self.commits + 1
-        before = {w.key: self.data.get(w.key) for w in writes}
-        applied = await super().commit(*writes)
+        before = {write.key: self.data.get(write.key)}
+        applied = await super().commit(write)
         if applied and self.lagging:
             self._stale.update(before)
         if number == self.lose:
