@@ -87,6 +87,13 @@ class RetrySpec(_Config, frozen=True):
         return seconds(self.backoff[min(attempt, len(self.backoff)) - 1])
 
 
+class OwesSpec(_Config, frozen=True):
+    """Once every kind in ``after`` is in an order's history, one of ``then`` must follow."""
+
+    after: Annotated[list[str], Meta(min_length=1)]
+    then: Annotated[list[str], Meta(min_length=1)]
+
+
 class FunctionSpec(_Config, frozen=True):
     consumers: Annotated[list[ConsumerSpec], Meta(min_length=1)]
     # Every event kind the function may publish; anything else is a bug, dead-lettered.
@@ -100,6 +107,9 @@ class FunctionSpec(_Config, frozen=True):
     # orders.rejected event (when its order id can be read).
     reject_invalid: list[str] = []
     retry: RetrySpec = msgspec.field(default_factory=RetrySpec)
+    # What it owes an order, for trace and stuck (choreography: the flow read
+    # backwards; orchestration waits on the saga's last word instead).
+    owes: list[OwesSpec] = []
 
 
 class InventorySpec(_Config, frozen=True):
@@ -268,6 +278,22 @@ def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at:
             if bucket not in buckets:
                 raise ConfigError(f"{at}.{name}.buckets: no bucket named {bucket!r}")
     for name, fn in functions.items():
+        known = {k for c in fn.consumers for k in c.events} | set(fn.reads) | set(fn.emits)
+        for i, rule in enumerate(fn.owes):
+            where = f"{at}.{name}.owes[{i}]"
+            for kind in rule.after:
+                _check_kind(kind, f"{where}.after")
+                if kind not in known:
+                    raise ConfigError(
+                        f"{where}.after: {name} neither consumes, reads nor emits {kind!r}"
+                    )
+            for kind in rule.then:
+                _check_kind(kind, f"{where}.then")
+                if kind not in fn.emits:
+                    raise ConfigError(
+                        f"{where}.then: {kind!r} is not in {at}.{name}.emits "
+                        f"({', '.join(fn.emits)})"
+                    )
         for kind in fn.reads:
             _check_kind(kind, f"{at}.{name}.reads")
         for kind in fn.emits:

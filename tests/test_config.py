@@ -109,3 +109,20 @@ def test_only_payment_and_stock_may_be_compensated(tmp_path: Path) -> None:
 def test_an_unknown_step_is_refused(tmp_path: Path) -> None:
     message = load_error(variant(tmp_path, "    refund: {timeout", "    refnud: {timeout"))
     assert "unknown field `refnud` - at `$.orchestration.steps`" in message
+
+
+def test_what_a_function_owes_must_be_what_it_emits(tmp_path: Path) -> None:
+    message = load_error(variant(tmp_path, "then: [payments.refunded]", "then: [stock.released]"))
+    assert message.endswith(
+        ": functions.payment.owes[1].then: 'stock.released' is not in functions.payment.emits "
+        "(payments.succeeded, payments.failed, payments.refunded, orders.rejected)"
+    )
+
+
+def test_what_a_function_owes_follows_what_it_sees(tmp_path: Path) -> None:
+    message = load_error(
+        variant(tmp_path, "after: [delivery.scheduled]", "after: [orders.created]")
+    )
+    assert message.endswith(
+        ": functions.order.owes[0].after: order neither consumes, reads nor emits 'orders.created'"
+    )

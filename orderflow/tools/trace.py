@@ -28,7 +28,7 @@ from nats.aio.client import Client
 
 from functions.events import TERMINAL_SUBJECTS
 from orderflow import subjects
-from orderflow.config import FunctionSpec, Mode, Topology
+from orderflow.config import FunctionSpec, Topology
 from orderflow.runtime import context as ctx
 from orderflow.runtime import deadletter as dl
 from orderflow.runtime.decoding import order_of
@@ -94,16 +94,27 @@ class Trace:
 Owing = list[tuple[str, str, set[str]]]
 
 
-def waiting_on(logged: Sequence[str], mode: Mode = "choreography") -> Owing:
+def waiting_on(logged: Sequence[str], topology: Topology) -> Owing:
     """Pure: (function, what it owes, the subjects that made it due) for an unfinished order.
 
     ``logged``: the subjects of the order's messages, in log order.
     """
     if set(logged) & (TERMINAL_SUBJECTS | {"orders.rejected"}):
         return []
-    if mode == "orchestration":
+    if topology.mode == "orchestration":
         return _saga_waiting_on(logged)
-    return _choreography_waiting_on(set(logged))
+    return _owed(set(logged), topology)
+
+
+def _owed(logged: set[str], topology: Topology) -> Owing:
+    """The choreography read backwards from streams.yaml's ``owes``: every rule whose
+    ``after`` is all in the log and none of whose ``then`` is."""
+    return [
+        (name, " or ".join(rule.then), set(rule.after))
+        for name, fn in topology.functions.items()
+        for rule in fn.owes
+        if logged.issuperset(rule.after) and logged.isdisjoint(rule.then)
+    ]
 
 
 def _saga_waiting_on(logged: Sequence[str]) -> Owing:
@@ -117,29 +128,6 @@ def _saga_waiting_on(logged: Sequence[str]) -> Owing:
     if len(command) == 3 and command[0] == "saga":  # saga.<function>.<verb>
         return [(command[1], f"its answer to {last}", {last})]
     return [("orchestrator", "the next command, or the terminal event", {last})]
-
-
-def _choreography_waiting_on(subjects: set[str]) -> Owing:
-    """The choreography read backwards: each rule is one reaction of README's
-    flow whose trigger is in the log and whose answer is not."""
-    paid, failed = "payments.succeeded" in subjects, "payments.failed" in subjects
-    reserved, short = "stock.reserved" in subjects, "stock.unavailable" in subjects
-    owed = []
-    if not (paid or failed):
-        owed.append(("payment", "payments.succeeded or payments.failed", {"orders.created"}))
-    if not (reserved or short):
-        owed.append(("stock", "stock.reserved or stock.unavailable", {"orders.created"}))
-    if paid and reserved and "delivery.scheduled" not in subjects:
-        owed.append(("delivery", "delivery.scheduled", {"payments.succeeded", "stock.reserved"}))
-    if failed and reserved and "stock.released" not in subjects:
-        owed.append(("stock", "stock.released", {"payments.failed", "stock.reserved"}))
-    if paid and short and "payments.refunded" not in subjects:
-        owed.append(("payment", "payments.refunded", {"payments.succeeded", "stock.unavailable"}))
-    if not owed:
-        owed.append(
-            ("order", "orders.completed or orders.cancelled", subjects - {"orders.created"})
-        )
-    return owed
 
 
 # --- reading the log ---------------------------------------------------------
@@ -284,7 +272,7 @@ async def load(nc: Client, topology: Topology, order_ids: Iterable[str]) -> dict
         if messages:
             found[order_id] = (steps_of(messages, topology.events_stream), retries, dead)
     owing = {
-        order_id: waiting_on([s.kind for s in steps], topology.mode)
+        order_id: waiting_on([s.kind for s in steps], topology)
         for order_id, (steps, _, _) in found.items()
     }
     owing_functions = {f for owed in owing.values() for f, _, _ in owed if f in topology.functions}

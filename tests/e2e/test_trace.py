@@ -12,7 +12,11 @@ from datetime import UTC, datetime
 import pytest
 from nats.aio.client import Client
 
+from orderflow import config, subjects
 from orderflow.config import Topology
+from orderflow.runtime.context import FUNCTION
+from orderflow.runtime.decoding import order_of
+from orderflow.tools import recording
 from orderflow.tools.demo import payload
 from orderflow.tools.trace import load, mermaid_map, stuck, waiting_on
 from tests.conftest import ROOT, StartFlow
@@ -42,15 +46,18 @@ def _runner(flow: Flow, *args: str) -> subprocess.CompletedProcess[str]:
         ({"orders.created", "payments.succeeded", "stock.unavailable"},
          {("payment", "payments.refunded")}),
         ({"orders.created", "payments.failed", "stock.unavailable"},
-         {("order", "orders.completed or orders.cancelled")}),
+         {("order", "orders.cancelled")}),
+        ({"orders.created", "payments.succeeded", "stock.reserved", "delivery.scheduled"},
+         {("order", "orders.completed")}),
         ({"orders.created", "payments.succeeded", "stock.reserved", "delivery.scheduled",
           "orders.completed"}, set()),
     ],
 )  # fmt: skip
 def test_waiting_on_reads_the_choreography_backwards(
-    seen: set[str], owed: set[tuple[str, str]]
+    seen: set[str], owed: set[tuple[str, str]], topology: Topology
 ) -> None:
-    assert {(function, what) for function, what, _ in waiting_on(sorted(seen))} == owed
+    found = waiting_on(sorted(seen), topology)
+    assert {(function, what) for function, what, _ in found} == owed
 
 
 @pytest.mark.parametrize(
@@ -75,8 +82,36 @@ def test_waiting_on_reads_the_choreography_backwards(
 def test_a_saga_waits_on_whoever_has_the_last_word(
     logged: list[str], owed: tuple[str, str]
 ) -> None:
-    assert [(f, what) for f, what, _ in waiting_on(logged, "orchestration")] == [owed]
-    assert waiting_on([*logged, "orders.cancelled"], "orchestration") == []
+    saga = config.load(ROOT / "streams.yaml", "orchestration")
+    assert [(f, what) for f, what, _ in waiting_on(logged, saga)] == [owed]
+    assert waiting_on([*logged, "orders.cancelled"], saga) == []
+
+
+@pytest.mark.parametrize("name", ["happy", "declined", "flaky", "out_of_stock", "both_failures",
+                                  "mixed_300"])  # fmt: skip
+def test_what_streams_yaml_says_is_owed_is_what_the_functions_did(
+    name: str, topology: Topology
+) -> None:
+    # Every recorded history, order by order: each event a function emitted is
+    # the `then` of one of its rules whose `after` had been logged before it,
+    # and once the order is over no rule is left owing.
+    histories: dict[str, list[tuple[str, str]]] = {}
+    for record in recording.read(ROOT / "tests" / "recordings" / f"{name}.jsonl"):
+        order_id, kind = subjects.parse(record.subject)
+        by = record.headers.get(FUNCTION, "client")
+        order_id = order_id or order_of(record.subject, record.data)
+        histories.setdefault(order_id or "?", []).append((kind, by))
+    assert histories
+    for order_id, history in histories.items():
+        logged: set[str] = set()
+        for kind, by in history:
+            if by != "client" and kind != "orders.rejected":
+                rules = topology.functions[by].owes
+                assert any(kind in r.then and logged.issuperset(r.after) for r in rules), (
+                    f"{order_id}: {by} emitted {kind} after {sorted(logged)}: owed by no rule"
+                )
+            logged.add(kind)
+        assert waiting_on(sorted(logged), topology) == [], (order_id, sorted(logged))
 
 
 async def test_a_stopped_function_is_named_as_the_one_that_owes_the_next_step(
