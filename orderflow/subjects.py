@@ -15,7 +15,9 @@ does ``order.<ID>.orders.created``, whose subject id must match the payload's.
 The orchestrator's alarms live in their own stream, under ``timer.<ID>.``, for
 the same reason.
 
-Every name the runtime builds from an order id is built here, nowhere else.
+Every name the runtime builds from an order id is built here, nowhere else;
+so are the server's own names it uses (JetStream's API, KV's subjects,
+service names), below.
 """
 
 from __future__ import annotations
@@ -108,15 +110,54 @@ def retry_note(prefix: str, order_id: str, function: str) -> str:
     return f"{prefix}.{order_id}.{function}"
 
 
+# --- the server's names ---------------------------------------------------------
+
+
 def consumer_next(stream: str, durable: str) -> str:
+    """Where a pull consumer is asked for its next messages."""
     return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
 
 
+def consumer_info(stream: str, durable: str) -> str:
+    return f"$JS.API.CONSUMER.INFO.{stream}.{durable}"
+
+
+def acks(stream: str, durable: str) -> str:
+    """The reply subjects of a consumer's messages (acks, naks, in-progress): a wildcard."""
+    return f"$JS.ACK.{stream}.{durable}.>"
+
+
 def direct_get(stream: str) -> str:
-    """The direct get API of ``stream``; ``.<subject>`` appended asks for its last message."""
+    """The direct get API of ``stream``; ``.<subject>`` appended asks for its last message,
+    a body asks for a batch (``multi_last``)."""
     return f"$JS.API.DIRECT.GET.{stream}"
+
+
+def leader_get(stream: str) -> str:
+    """A stream's message get, answered by its leader only (the subject in the body)."""
+    return f"$JS.API.STREAM.MSG.GET.{stream}"
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream a KV bucket is."""
+    return f"KV_{bucket}"
+
+
+def kv_key(bucket: str, key: str) -> str:
+    """The subject a KV key is stored on (``>`` for every key)."""
+    return f"$KV.{bucket}.{key}"
 
 
 def service(function: str) -> str:
     """The NATS micro service name of a function (``$SRV.PING.<name>``)."""
     return f"orderflow-{function}"
+
+
+def service_endpoint(function: str) -> str:
+    """The subject of a function's one service endpoint: its counters, as JSON."""
+    return f"orderflow.{function}.messages"
+
+
+def service_api(verb: str, function: str) -> str:
+    """A micro service request to every instance of ``function`` (``PING``, ``STATS``, ``INFO``)."""
+    return f"$SRV.{verb}.{service(function)}"

@@ -106,34 +106,33 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
     publish: list[str] = []
     for c in fn.consumers:
         publish += [
-            f"$JS.API.CONSUMER.INFO.{c.stream}.{c.durable}",
+            subjects.consumer_info(c.stream, c.durable),
             subjects.consumer_next(c.stream, c.durable),
-            f"$JS.ACK.{c.stream}.{c.durable}.>",
+            subjects.acks(c.stream, c.durable),
         ]
     for bucket in fn.buckets:
         publish += [
-            f"$KV.{bucket}.>",
-            f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>",
-            f"$JS.API.DIRECT.GET.KV_{bucket}",
+            subjects.kv_key(bucket, ">"),
+            f"{subjects.direct_get(subjects.kv_stream(bucket))}.{subjects.kv_key(bucket, '>')}",
+            subjects.direct_get(subjects.kv_stream(bucket)),
         ]
     # What it reads of the orders' histories (see the module's docstring).
     events = topology.events_stream
     if fn.reads:
-        publish += [subjects.direct_get(events), f"$JS.API.STREAM.MSG.GET.{events}"]
+        publish += [subjects.direct_get(events), subjects.leader_get(events)]
     # Alarms are published on the order's alarm subject (orderflow/subjects.py).
     publish += [subjects.published_on(kind, "*") for kind in fn.emits]
     publish.append(subjects.dead_letter(topology.dead_letters.subject_prefix, "*", name))
     if topology.retry_log is not None:
         publish.append(subjects.retry_note(topology.retry_log.subject_prefix, "*", name))
-    service = subjects.service(name)  # orderflow/runtime/metrics.py
     subscribe = [
         f"{inbox_prefix(name)}.>",
         "$SRV.PING",
         "$SRV.INFO",
         "$SRV.STATS",
-        f"$SRV.*.{service}",
-        f"$SRV.*.{service}.*",
-        f"orderflow.{name}.messages",
+        subjects.service_api("*", name),  # orderflow/runtime/metrics.py
+        f"{subjects.service_api('*', name)}.*",
+        subjects.service_endpoint(name),
     ]
     return Permissions(_unique(publish), _unique(subscribe), responses=True)
 

@@ -40,6 +40,7 @@ from nats.js.api import (
 
 from functions.state import Store, Write
 from functions.stock import Level, level_key
+from orderflow import subjects
 from orderflow.config import (
     BucketSpec,
     ConfigError,
@@ -80,7 +81,7 @@ def bucket_config(spec: BucketSpec, default_replicas: int = 1) -> StreamConfig:
     # it is reconciled like the rest.
     return StreamConfig(
         name=stream_name(spec.name),
-        subjects=[f"$KV.{spec.name}.>"],
+        subjects=[subjects.kv_key(spec.name, ">")],
         storage=_storage(spec.storage),
         num_replicas=spec.replicas or default_replicas,
         max_msgs_per_subject=spec.history,

@@ -17,6 +17,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from orderflow import subjects
+
 
 class DirectGetError(Exception):
     pass
@@ -50,7 +52,7 @@ class MultiLast:
 
     def __init__(self, nc: Client, stream: str, timeout: float) -> None:
         self.nc = nc
-        self.subject = f"$JS.API.DIRECT.GET.{stream}"
+        self.subject = subjects.direct_get(stream)
         self.timeout = timeout
         self._prefix = ""
         self._waiting: dict[str, tuple[list[Msg], asyncio.Future[None]]] = {}

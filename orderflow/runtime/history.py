@@ -77,7 +77,7 @@ class OrderLog:
         self.leader_only = leader_only
         self.timeout = timeout
         self._direct = subjects.direct_get(stream) + "."
-        self._leader = f"$JS.API.STREAM.MSG.GET.{stream}"
+        self._leader = subjects.leader_get(stream)
         self._many = direct.MultiLast(nc, stream, timeout)
         self._together: Batcher[str, bytes | None] = Batcher(self._read_many, READS_TOGETHER)
 

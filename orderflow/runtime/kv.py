@@ -18,6 +18,7 @@ import msgspec
 from nats.aio.client import Client
 
 from functions.state import Versioned, Write
+from orderflow import subjects
 from orderflow.runtime import direct, election
 from orderflow.runtime.failpoints import armed, crash_point
 
@@ -54,7 +55,7 @@ failpoints_armed = armed("after-write")
 
 
 def stream_name(bucket: str) -> str:
-    return f"KV_{bucket}"
+    return subjects.kv_stream(bucket)
 
 
 class KvStore:
@@ -64,11 +65,11 @@ class KvStore:
         self.stream = stream_name(bucket)
         self.timeout = timeout
         self._written: Counter[str] = Counter()  # writes per key, for the after-write failpoint
-        self._direct_get = f"$JS.API.DIRECT.GET.{self.stream}.$KV.{bucket}."
+        self._direct_get = f"{subjects.direct_get(self.stream)}.{subjects.kv_key(bucket, '')}"
         self._many = direct.MultiLast(nc, self.stream, timeout)
 
     def _subject(self, key: str) -> str:
-        return f"$KV.{self.bucket}.{key}"
+        return subjects.kv_key(self.bucket, key)
 
     async def get(self, key: str, type: type[T]) -> Versioned[T] | None:
         # The direct get by subject, asked for here rather than through
@@ -86,7 +87,7 @@ class KvStore:
 
     async def get_many(self, keys: Sequence[str], type: type[T]) -> dict[str, Versioned[T]]:
         # One request for them all (a batch direct get, ``multi_last``).
-        prefix = f"$KV.{self.bucket}."
+        prefix = subjects.kv_key(self.bucket, "")
         found: dict[str, Versioned[T]] = {}
         for msg in await self._many.get([prefix + key for key in keys]):
             headers = msg.headers or {}

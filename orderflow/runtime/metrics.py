@@ -61,6 +61,6 @@ async def register(nc: Client, function: str, counters: Counters) -> Service:
         stats_handler=stats,
     )
     await service.add_endpoint(
-        name="messages", subject=f"orderflow.{function}.messages", handler=answer
+        name="messages", subject=subjects.service_endpoint(function), handler=answer
     )
     return service

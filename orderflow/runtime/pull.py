@@ -38,6 +38,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from orderflow import subjects
+
 log = logging.getLogger("orderflow.runtime.pull")
 
 #: How long a pull request stays open on the server; also about how long the
@@ -60,7 +62,7 @@ class Puller:
         self, nc: Client, stream: str, durable: str, window: int, deliver: Callable[[Msg], None]
     ) -> None:
         self.nc = nc
-        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.subject = subjects.consumer_next(stream, durable)
         self.durable = durable
         self.window = window
         self.deliver = deliver

@@ -53,7 +53,7 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
     js = nc.jetstream(timeout=2.0)
     functions: dict[str, Any] = {}
     for name, fn in topology.functions.items():
-        stats = await ask_all(nc, f"$SRV.STATS.orderflow-{name}")
+        stats = await ask_all(nc, subjects.service_api("STATS", name))
         row: dict[str, Any] = {"instances": len(stats), **dict.fromkeys(COUNTERS, 0)}
         row["last_error"] = None
         for answer in stats:

@@ -148,7 +148,7 @@ async def _direct_batch(
 
     sub = await nc.subscribe(inbox, cb=arrived)
     try:
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode(request), reply=inbox)
+        await nc.publish(subjects.direct_get(stream), msgspec.json.encode(request), reply=inbox)
         pending = await asyncio.wait_for(done, timeout)
     finally:
         await sub.unsubscribe()
@@ -185,7 +185,7 @@ async def read_subject(
 async def read_at(nc: Client, stream: str, sequence: int, timeout: float = 5.0) -> Stored | None:
     """The message at ``sequence``, or ``None`` (gone, or never there)."""
     msg = await nc.request(
-        f"$JS.API.DIRECT.GET.{stream}",
+        subjects.direct_get(stream),
         msgspec.json.encode({"seq": sequence}),
         timeout=timeout,
     )

@@ -279,7 +279,7 @@ async def load(nc: Client, topology: Topology, order_ids: Iterable[str]) -> dict
     consumers = {name: await _consumer_state(nc, topology, name) for name in owing_functions}
     # Instances answering the NATS micro protocol, asked only of functions owing a step.
     for name in owing_functions:
-        consumers[name]["instances"] = len(await ask_all(nc, f"$SRV.PING.{subjects.service(name)}"))
+        consumers[name]["instances"] = len(await ask_all(nc, subjects.service_api("PING", name)))
     traces = {}
     for order_id, (steps, retries, dead) in found.items():
         owed = []
