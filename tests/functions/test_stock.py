@@ -449,18 +449,26 @@ async def test_a_batch_decides_as_handling_its_orders_one_by_one_would(seed: int
 async def test_a_batch_survives_a_crash_after_any_write() -> None:
     orders = mix(7, 6)
     expected, expected_levels = await one_by_one(orders, A=6, B=5, C=4)
-    total = await writes_of(lambda s: stock.reserve(orders, s), batch_shelf)
+    await crash_after_each_write(orders, expected, expected_levels)
+
+
+async def crash_after_each_write(
+    batch: Sequence[Event], expected: Sequence[stock.Outcome], levels: dict[str, int]
+) -> None:
+    """Stop the batch after each of its writes in turn; its redelivery must finish it
+    with the same outcomes and leave the shelves as an uninterrupted run does."""
+    total = await writes_of(lambda s: stock.handle_batch(batch, s), batch_shelf)
     assert total > 6
     for crash_after in range(1, total + 1):
         store = CrashingStore(crash_after=10_000)
         await batch_shelf(store)
         store.crash_after = store.written + crash_after
         with pytest.raises(Crashed):
-            await stock.reserve(orders, store)
-        # The redelivery finds the batch's orders in hand again, maybe with new ones.
+            await stock.handle_batch(batch, store)
+        # The redelivery finds the batch's messages in hand again.
         after = store.restarted()
-        assert shape(await stock.reserve(orders, after)) == shape(expected), crash_after
-        assert {sku: await level(after, sku) for sku in "ABC"} == expected_levels
+        assert shape(await stock.handle_batch(batch, after)) == shape(expected), crash_after
+        assert {sku: await level(after, sku) for sku in "ABC"} == levels
 
 
 def shape(outcomes: Sequence[stock.Outcome]) -> list[object]:
@@ -540,13 +548,4 @@ async def test_a_mixed_batch_survives_a_crash_after_any_write() -> None:
     batch: list[Event] = [*orders, *failures]
     expected = await stock.handle_batch(batch, reference := await stocked(A=6, B=5, C=4))
     expected_levels = {sku: await level(reference, sku) for sku in "ABC"}
-    total = await writes_of(lambda s: stock.handle_batch(batch, s), batch_shelf)
-    for crash_after in range(1, total + 1):
-        store = CrashingStore(crash_after=10_000)
-        await batch_shelf(store)
-        store.crash_after = store.written + crash_after
-        with pytest.raises(Crashed):
-            await stock.handle_batch(batch, store)
-        after = store.restarted()
-        assert shape(await stock.handle_batch(batch, after)) == shape(expected), crash_after
-        assert {sku: await level(after, sku) for sku in "ABC"} == expected_levels
+    await crash_after_each_write(batch, expected, expected_levels)
