@@ -17,9 +17,9 @@ before its handler reads for the other, the handler of the later-stored half
 always finds the earlier one. Both may find each other, and both emit the
 same event, which the log takes once.
 
-In production the runner hands in ``orderflow.runtime.history.LogHistory`` (a direct
-get of the subject's last message, a publish that the stream refuses a
-second time); in unit tests and offline replays, :class:`MemoryHistory`.
+In production the runner hands in ``orderflow.runtime.history.MessageHistory``
+(a direct get of the subject's last message, a publish that the stream
+refuses a second time); in unit tests and offline replays, :class:`MemoryHistory`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ answered or dead-lettered, and a late answer (a redriven dead letter) moves
 the saga on. The payment step waits from its first deadline: a charge whose
 outcome is unknown (the gateway does not answer) is parked in one dead letter,
 and neither a second charge nor a refund can settle it before the gateway
-answers (README, "A charge whose outcome is unknown").
+answers (docs/effects-once.md, "A charge whose outcome is unknown").
 
 State: the ``sagas`` bucket, ``saga.<ID>`` -> :class:`Saga`, written by
 compare-and-set *before* the commands go out. ``last`` names the input that

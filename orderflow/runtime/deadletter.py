@@ -24,7 +24,7 @@ from orderflow.runtime.logs import fields
 
 log = logging.getLogger("orderflow.runtime.deadletter")
 
-# Header names, documented in the README.
+# Header names, documented in docs/effects-once.md.
 REASON = "Orderflow-Dlq-Reason"
 FUNCTION = "Orderflow-Dlq-Function"
 SUBJECT = "Orderflow-Dlq-Subject"
