@@ -4,8 +4,8 @@ In a cluster a replicated stream takes writes through its leader only. When
 the leader is lost (its server crashed), nobody answers on the stream's
 subjects until the survivors have noticed and elected another: 4-7 s after a
 SIGKILL, measured (bench/README.md; docs/deployment.md, "Running on a NATS
-cluster"). nats-py fails a request in that gap at once with *no responders*, which would burn one of a
-message's deliveries per attempt; here it counts as "no answer yet" and is
+cluster"). nats-py fails a request in that gap at once with *no responders*,
+which would burn one of a message's deliveries per attempt; here it counts as "no answer yet" and is
 asked again every :data:`POLL` seconds until the request's timeout (the way
 nats.go's JetStream publish retries no responders).
 

@@ -172,7 +172,8 @@ async def test_every_lost_answer_changes_nothing(scenario: str, lagging: bool) -
 @pytest.mark.xfail(
     strict=True,
     reason="stock decides 'unavailable' on levels it read but does not guard in its commit: "
-    "a read lagging behind a release makes the shelf look short (docs/deployment.md, 'Known limit')",
+    "a read lagging behind a release makes the shelf look short "
+    "(docs/deployment.md, 'Known limit')",
 )
 async def test_a_read_lagging_behind_a_release_does_not_make_stock_short() -> None:
     store = UncertainStore()
