@@ -62,7 +62,7 @@ def test_each_layer_imports_only_what_is_below_it(layer: str) -> None:
 
 def test_the_layers_cover_every_module_of_the_package() -> None:
     top = {p.stem for p in (ROOT / "orderflow").glob("*.py")} - {"__init__"}
-    assert top == {"cli", "config", "limits", "subjects"}, top
+    assert top - {"cli"} == {"config", "limits", "subjects"}, top  # cli.py or the package
     packages = {p.name for p in (ROOT / "orderflow").iterdir() if (p / "__init__.py").exists()}
     assert packages == {"runtime", "ops", "tools", "cli"} - ({"cli"} if "cli" in top else set())
 
