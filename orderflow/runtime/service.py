@@ -1,9 +1,9 @@
 """One function as one OS process: connect, reconcile its consumers, consume until told to stop.
 
-SIGTERM and SIGINT stop asking for messages; messages already in hand are
-seen through and acked, anything that still arrives is handed back at once,
-the connection is flushed and closed. Nothing in hand is dropped, and nothing
-is left to come back after ack_wait.
+SIGTERM and SIGINT stop asking for messages and stop listening for them (the
+server drops the pull requests still open, so what comes next goes to another
+process); messages already in hand are seen through and acked, then the
+connection is flushed and closed. Nothing in hand is dropped.
 """
 
 from __future__ import annotations
