@@ -60,6 +60,7 @@ class BaseFlow:
         self._stop = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self.root = config.parent
+        self.config = config
 
     def start(self) -> None:
         self.supervisor.start()

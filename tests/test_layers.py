@@ -44,7 +44,7 @@ def layer_of(module: str) -> str | None:
 
 
 def modules(layer: str) -> list[Path]:
-    return sorted((ROOT / layer.replace(".", "/")).glob("*.py"))
+    return sorted((ROOT / layer.replace(".", "/")).rglob("*.py"))
 
 
 @pytest.mark.parametrize("layer", list(ALLOWED))

@@ -18,6 +18,7 @@ from orderflow import config
 from orderflow.cli import (
     auth,
     compare,
+    console,
     demo,
     dlq,
     flowchart,
@@ -58,6 +59,7 @@ COMMANDS: dict[str, Command] = {
     "map": flowchart,
     "status": status,
     "record": record,
+    "console": console,
     "replay": replay,
     "compare": compare,
     "up": up,

@@ -10,9 +10,11 @@ import logging
 import signal
 import sys
 
+from orderflow.cli import console
 from orderflow.cli.common import (
     add_system_arguments,
     cluster_size,
+    connected,
     nats_server,
     provision,
     replicas,
@@ -30,6 +32,9 @@ HELP = "start a server (unless NATS_URL) and every function"
 
 def add(parser: argparse.ArgumentParser) -> None:
     add_system_arguments(parser)
+    parser.add_argument("--console", action="store_true",
+                        help="also serve the web console (see `console -h`)")  # fmt: skip
+    console.add_console_arguments(parser, prefix="console-")
 
 
 def run(args: argparse.Namespace, topology: Topology) -> int:
@@ -54,16 +59,40 @@ def run(args: argparse.Namespace, topology: Topology) -> int:
         print(f"order flow up on {redact(url)} ({topology.mode}){how}: "
               f"{', '.join(f'{n} x{c}' for n, c in counts.items())}. Ctrl-C stops.",
               file=sys.stderr)  # fmt: skip
+        serving = _Console(args, topology, url, admin) if args.console else None
         try:
-            asyncio.run(_until_signalled(supervisor))
+            asyncio.run(_until_signalled(supervisor, serving))
         finally:
             supervisor.stop()
     return 0
 
 
-async def _until_signalled(supervisor: Supervisor) -> None:
+class _Console:
+    """``up --console``: the console beside the supervisor, in the same loop."""
+
+    def __init__(
+        self, args: argparse.Namespace, topology: Topology, url: str, env: dict[str, str] | None
+    ) -> None:
+        self.args, self.topology, self.url, self.env = args, topology, url, env
+        self.serve = console.web_stack()  # fails at start, not later, without the extra
+
+    async def run(self, stop: asyncio.Event) -> None:
+        a = self.args
+
+        def started(url: str) -> None:
+            console.announce(url, a.console_host)
+
+        async with connected("console", self.url, self.env) as nc:
+            await self.serve.serve(nc, self.topology, stop, a.console_host, a.console_port,
+                                   a.console_read_only, started)  # fmt: skip
+
+
+async def _until_signalled(supervisor: Supervisor, serving: _Console | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await supervisor.watch(stop)
+    if serving is None:
+        await supervisor.watch(stop)
+        return
+    await asyncio.gather(supervisor.watch(stop), serving.run(stop))

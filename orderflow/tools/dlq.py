@@ -18,7 +18,7 @@ from nats.aio.client import Client
 
 from orderflow.config import Topology
 from orderflow.runtime import deadletter as dl
-from orderflow.tools.streamlog import Stored, read_stream
+from orderflow.tools.streamlog import Stored, read_subject
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,10 @@ class DeadLetter:
 
 
 async def dead_letters(nc: Client, topology: Topology) -> list[DeadLetter]:
-    return [DeadLetter.from_stored(s) for s in await read_stream(nc, topology.dead_letters.stream)]
+    """Every dead letter kept, oldest first: one batch direct get of the prefix (no consumer)."""
+    letters = topology.dead_letters
+    stored = await read_subject(nc, letters.stream, f"{letters.subject_prefix}.>")
+    return [DeadLetter.from_stored(s) for s in stored]
 
 
 def render_table(letters: list[DeadLetter], width: int = 60) -> str:

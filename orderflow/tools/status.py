@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from orderflow import subjects
-from orderflow.config import Topology
+from orderflow.config import FunctionSpec, Topology
 from orderflow.runtime.kv import stream_name
 
 T = TypeVar("T")
@@ -51,8 +51,8 @@ async def ask_all(nc: Client, subject: str, wait: float = 0.3) -> list[dict[str,
 async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
     # Short: a leaderless stream in a cluster would hold every row for the default 5 s.
     js = nc.jetstream(timeout=2.0)
-    functions: dict[str, Any] = {}
-    for name, fn in topology.functions.items():
+
+    async def row_of(name: str, fn: FunctionSpec) -> dict[str, Any]:
         stats = await ask_all(nc, subjects.service_api("STATS", name))
         row: dict[str, Any] = {"instances": len(stats), **dict.fromkeys(COUNTERS, 0)}
         row["last_error"] = None
@@ -76,7 +76,12 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
         subject = subjects.dead_letter(dlq.subject_prefix, "*", name)
         info = await _unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
         row["dead_letters"] = None if info is None else sum((info.state.subjects or {}).values())
-        functions[name] = row
+        return row
+
+    # Every function at once: each waits ask_all's time for its instances' answers.
+    names = list(topology.functions)
+    rows = await asyncio.gather(*(row_of(n, topology.functions[n]) for n in names))
+    functions = dict(zip(names, rows, strict=True))
     streams = {}
     names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]
     for stream in names:

@@ -1,0 +1,67 @@
+"""``console``: the flow, every order and what it waits on, in a browser (orderflow.tools.console).
+
+Against whichever server the other commands use (NATS_URL, the embedded one
+of a running ``up``, as its admin under ``--secure``). Listens on loopback
+unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from types import ModuleType
+
+from orderflow.cli.common import connected
+from orderflow.config import Topology
+from orderflow.tools.console import DEFAULT_HOST, DEFAULT_PORT
+
+HELP = "a web console on 127.0.0.1: the flow live, orders, stuck, dead letters"
+
+
+def add(parser: argparse.ArgumentParser) -> None:
+    add_console_arguments(parser, prefix="")
+
+
+def add_console_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """``--port``, ``--host``, ``--read-only`` (``--console-...`` under ``up``)."""
+    parser.add_argument(f"--{prefix}port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; 0: any free one)")  # fmt: skip
+    parser.add_argument(f"--{prefix}host", default=DEFAULT_HOST,
+                        help="address to listen on (default 127.0.0.1: this machine)")  # fmt: skip
+    parser.add_argument(f"--{prefix}read-only", action="store_true",
+                        help="no actions: no redrive buttons, every POST refused")  # fmt: skip
+
+
+def run(args: argparse.Namespace, topology: Topology) -> int:
+    return asyncio.run(_console(args, topology))
+
+
+def announce(url: str, host: str) -> None:
+    print(f"console on {url}", file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}, reachable beyond this machine", file=sys.stderr)
+
+
+def web_stack() -> ModuleType:
+    """orderflow.tools.console.serve, which needs the extra ``console`` (starlette, uvicorn)."""
+    try:
+        from orderflow.tools.console import serve  # the web stack only where a console runs
+    except ImportError as exc:
+        raise SystemExit(
+            f"the console needs its extra: pip install -e '.[console]' ({exc})"
+        ) from None
+    return serve
+
+
+async def _console(args: argparse.Namespace, topology: Topology) -> int:
+    serve = web_stack()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with connected("console") as nc:
+        await serve.serve(nc, topology, stop, args.host, args.port, args.read_only,
+                          started=lambda url: announce(url, args.host))  # fmt: skip
+    return 0
