@@ -18,8 +18,9 @@ cost is the order's own size, whatever the history's.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -86,6 +87,10 @@ class Trace:
     def outcome(self) -> str | None:
         done = [s.kind for s in self.steps if s.kind in TERMINAL_SUBJECTS | {"orders.rejected"}]
         return done[0].rsplit(".", 1)[1] if done else None
+
+
+#: Orders read at the same time by one ``load``.
+READ_TOGETHER = 32
 
 
 # --- what should happen next -------------------------------------------------
@@ -263,23 +268,40 @@ async def _asides(nc: Client, topology: Topology, order_id: str) -> tuple[list[A
     return retries, dead
 
 
-async def load(nc: Client, topology: Topology, order_ids: Iterable[str]) -> dict[str, Trace]:
-    """Traces of ``order_ids`` (those with anything in the log); each costs its own size."""
+async def load(
+    nc: Client,
+    topology: Topology,
+    order_ids: Iterable[str],
+    instances: Mapping[str, int] | None = None,
+) -> dict[str, Trace]:
+    """Traces of ``order_ids`` (those with anything in the log); each costs its own size.
+
+    ``instances``: how many processes of each function answer, if the caller
+    knows (the console's snapshot); else they are asked, all functions at once.
+    """
     found: dict[str, tuple[list[Step], list[Aside], list[Aside]]] = {}
-    for order_id in order_ids:
-        messages = await order_messages(nc, topology, order_id)
-        retries, dead = await _asides(nc, topology, order_id)
-        if messages:
-            found[order_id] = (steps_of(messages, topology.events_stream), retries, dead)
+    ids = list(dict.fromkeys(order_ids))
+    for start in range(0, len(ids), READ_TOGETHER):
+        chunk = ids[start : start + READ_TOGETHER]
+        read = await asyncio.gather(*(_read_order(nc, topology, o) for o in chunk))
+        found.update((o, r) for o, r in zip(chunk, read, strict=True) if r is not None)
     owing = {
         order_id: waiting_on([s.kind for s in steps], topology)
         for order_id, (steps, _, _) in found.items()
     }
-    owing_functions = {f for owed in owing.values() for f, _, _ in owed if f in topology.functions}
-    consumers = {name: await _consumer_state(nc, topology, name) for name in owing_functions}
+    owing_functions = sorted(
+        {f for owed in owing.values() for f, _, _ in owed if f in topology.functions}
+    )
+    states = await asyncio.gather(*(_consumer_state(nc, topology, n) for n in owing_functions))
+    consumers = dict(zip(owing_functions, states, strict=True))
     # Instances answering the NATS micro protocol, asked only of functions owing a step.
+    if instances is None:
+        answers = await asyncio.gather(
+            *(ask_all(nc, subjects.service_api("PING", n)) for n in owing_functions)
+        )
+        instances = {n: len(a) for n, a in zip(owing_functions, answers, strict=True)}
     for name in owing_functions:
-        consumers[name]["instances"] = len(await ask_all(nc, subjects.service_api("PING", name)))
+        consumers[name]["instances"] = instances.get(name, 0)
     traces = {}
     for order_id, (steps, retries, dead) in found.items():
         owed = []
@@ -289,6 +311,16 @@ async def load(nc: Client, topology: Topology, order_ids: Iterable[str]) -> dict
             owed.append(Owed(function, what, since, consumers.get(function, {}), held))
         traces[order_id] = Trace(order_id, steps, retries, dead, owed)
     return traces
+
+
+async def _read_order(
+    nc: Client, topology: Topology, order_id: str
+) -> tuple[list[Step], list[Aside], list[Aside]] | None:
+    messages = await order_messages(nc, topology, order_id)
+    if not messages:
+        return None
+    retries, dead = await _asides(nc, topology, order_id)
+    return steps_of(messages, topology.events_stream), retries, dead
 
 
 async def in_flight(nc: Client, topology: Topology) -> set[str]:
@@ -310,9 +342,15 @@ async def in_flight(nc: Client, topology: Topology) -> set[str]:
     return found
 
 
-async def stuck(nc: Client, topology: Topology, older_than: float, now: datetime) -> list[Trace]:
+async def stuck(
+    nc: Client,
+    topology: Topology,
+    older_than: float,
+    now: datetime,
+    instances: Mapping[str, int] | None = None,
+) -> list[Trace]:
     """Unfinished orders that started more than ``older_than`` seconds before ``now``."""
-    traces = await load(nc, topology, sorted(await in_flight(nc, topology)))
+    traces = await load(nc, topology, sorted(await in_flight(nc, topology)), instances)
     late = [
         t
         for t in traces.values()

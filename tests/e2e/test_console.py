@@ -176,6 +176,27 @@ async def test_with_delivery_stopped_a_paid_and_reserved_order_shows_delivery_ow
     assert waiting.find_elements(By.CSS_SELECTOR, 'li[data-order="cd-1"]')
 
 
+async def test_an_orchestrated_order_shows_its_saga_and_its_deadline(
+    start_flow: StartFlow, console: Callable[..., Any], browser: WebDriver
+) -> None:
+    flow = await start_flow({"delivery": 0}, mode="orchestration")
+    url = await console(flow)
+    await flow.publish(order("co-1"))
+
+    async def scheduling() -> bool:
+        return "saga.delivery.schedule" in (await flow.by_order()).get("co-1", [])
+
+    await until_async(scheduling, 15, "the saga at its delivery step")
+    await asyncio.to_thread(browser.get, url + "/orders/co-1")
+    saga = browser.find_element(By.ID, "saga")
+    field = {row.get_attribute("data-field"): row.find_element(By.TAG_NAME, "td").text
+             for row in saga.find_elements(By.CSS_SELECTOR, "tr")}  # fmt: skip
+    assert field["step"] == "delivery" and field["outcome"] == "open", field
+    assert field["deadline"].startswith("20"), field  # the pending alarm's time (RFC 3339)
+    owing = browser.find_elements(By.CSS_SELECTOR, '#owed li.owing[data-function="delivery"]')
+    assert owing and "saga.delivery.schedule" in owing[0].text
+
+
 async def test_a_dead_letter_redriven_from_the_page_completes_the_order_once(
     start_flow: StartFlow,
     console: Callable[[Flow], Any],

@@ -70,6 +70,7 @@ class Console:
         self.latest: reads.Snapshot | None = None
         self._changed = asyncio.Condition()
         self.mermaid = trace.mermaid_map(topology)
+        self.counts = reads.EdgeCounts(topology)
 
     async def snapshot(self) -> reads.Snapshot:
         if self.latest is None:
@@ -77,8 +78,13 @@ class Console:
         assert self.latest is not None
         return self.latest
 
+    async def instances(self) -> dict[str, int]:
+        """Processes answering per function, from the latest snapshot (no wait for a PING)."""
+        functions = (await self.snapshot()).functions
+        return {name: int(row.get("instances") or 0) for name, row in functions.items()}
+
     async def _take(self) -> None:
-        self.latest = await reads.snapshot(self.nc, self.topology, datetime.now(UTC))
+        self.latest = await reads.snapshot(self.nc, self.topology, datetime.now(UTC), self.counts)
         async with self._changed:
             self._changed.notify_all()
 
@@ -193,7 +199,7 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
         except ValueError:
             older_than = STUCK_AFTER_S
         now = datetime.now(UTC)
-        late = await trace.stuck(console.nc, topology, older_than, now)
+        late = await trace.stuck(console.nc, topology, older_than, now, await console.instances())
         groups: dict[tuple[str, str], list[tuple[str, float]]] = {}
         for t in late:
             age = (now - t.steps[0].time).total_seconds()

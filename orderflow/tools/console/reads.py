@@ -1,16 +1,18 @@
 """What the console reads beyond the command line's tools: the flow now, and recent orders.
 
-Nothing here scans the history. Counts over the last minute come from the
-server's subject index: one batch direct get from a start time returns the
-first match and how many follow it. Recent orders are read from the newest
-time window that holds enough of them, widening from 10 s to 30 days.
+Nothing here scans the history. Counts over the last minute are kept as
+messages are stored (:class:`EdgeCounts`): a batch direct get from a
+sequence returns the first match and how many follow it, by the server's
+subject index. Recent orders are read from the end of the stream, looking
+back at most :data:`LOOK_BACK_MAX` messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -22,8 +24,6 @@ from orderflow.config import Topology
 from orderflow.tools import status
 from orderflow.tools.streamlog import Stored, direct_batch
 
-#: Windows tried for "recent", newest first.
-WINDOWS_S = (10, 60, 600, 3600, 86400, 30 * 86400)
 #: Orders a list shows at most.
 LIST_LIMIT = 50
 
@@ -56,30 +56,68 @@ def edge_name(kind: str, function: str) -> str:
     return f"{kind} -> {function}"
 
 
-async def since(nc: Client, stream: str, subject_filter: str, start: datetime) -> int:
-    """How many messages on ``subject_filter`` were stored at or after ``start``."""
+async def matches_from(nc: Client, stream: str, subject_filter: str, first: int) -> int:
+    """How many messages on ``subject_filter`` are stored from sequence ``first`` on."""
     found, pending = await direct_batch(
-        nc, stream, {"start_time": _rfc3339(start), "next_by_subj": subject_filter, "batch": 1}
+        nc, stream, {"seq": first, "next_by_subj": subject_filter, "batch": 1}
     )
     return len(found) + pending if found else 0
 
 
-async def snapshot(nc: Client, topology: Topology, now: datetime) -> Snapshot:
-    figures = await status.collect(nc, topology)
-    minute_ago = now - timedelta(minutes=1)
-    kinds = sorted({kind for kind, _ in edges(topology)})
+class EdgeCounts:
+    """Events of each kind over the last minute, counted as they are stored.
 
-    async def count(kind: str) -> int:
-        filters = subjects.filters(kind)
-        return sum(await asyncio.gather(*(since(nc, _stream_of(topology, kind), f, minute_ago)
-                                          for f in filters)))  # fmt: skip
+    Each snapshot counts only what was stored since the one before, by
+    sequence (the matches from the last sequence seen, less those past the
+    stream's end as read first): what it costs is the new messages', never the
+    history's, whatever its timestamps. For its first minute the console says
+    what it has seen since it started.
+    """
 
-    counts = dict(zip(kinds, await asyncio.gather(*(count(k) for k in kinds)), strict=True))
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.kinds = sorted({kind for kind, _ in edges(topology)})
+        self._seen: dict[str, int] = {}  # stream -> the last sequence counted
+        self._window: deque[tuple[datetime, dict[str, int]]] = deque()
+
+    async def update(self, nc: Client, now: datetime) -> dict[str, int]:
+        streams = {_stream_of(self.topology, k) for k in self.kinds}
+        js = nc.jetstream()
+        ends = {s: int((await js.stream_info(s)).state.last_seq) for s in streams}
+        fresh: dict[str, int] = {}
+        for kind in self.kinds:
+            stream = _stream_of(self.topology, kind)
+            if stream not in self._seen:
+                continue  # the first look: counting starts here
+            first, end = self._seen[stream] + 1, ends[stream]
+            counts = await asyncio.gather(*(
+                _between(nc, stream, f, first, end) for f in subjects.filters(kind)
+            ))  # fmt: skip
+            fresh[kind] = sum(counts)
+        self._seen.update(ends)
+        self._window.append((now, fresh))
+        while self._window and self._window[0][0] < now - timedelta(minutes=1):
+            self._window.popleft()
+        return {k: sum(c.get(k, 0) for _, c in self._window) for k in self.kinds}
+
+
+async def _between(nc: Client, stream: str, subject_filter: str, first: int, end: int) -> int:
+    if end < first:
+        return 0
+    upto, after = await asyncio.gather(
+        matches_from(nc, stream, subject_filter, first),
+        matches_from(nc, stream, subject_filter, end + 1),
+    )
+    return max(0, upto - after)
+
+
+async def snapshot(nc: Client, topology: Topology, now: datetime, counts: EdgeCounts) -> Snapshot:
+    figures, per_kind = await asyncio.gather(status.collect(nc, topology), counts.update(nc, now))
     return Snapshot(
         taken=now,
         mode=topology.mode,
         functions=figures["functions"],
-        edges={edge_name(kind, fn): counts[kind] for kind, fn in edges(topology)},
+        edges={edge_name(kind, fn): per_kind.get(kind, 0) for kind, fn in edges(topology)},
     )
 
 
@@ -93,23 +131,35 @@ def _stream_of(topology: Topology, kind: str) -> str:
 
 
 # --- recent orders ---------------------------------------------------------------
+#
+# "Recent" is read from the end of the stream by sequence: from LOOK_BACK
+# messages before the last, then eight times as far, up to LOOK_BACK_MAX.
+# The server finds a filter's matches in that range by its per-block subject
+# index, so the cost is the range's, never the history's; a kind rarer than
+# that range holds is shown as "none among the last N messages".
+
+#: Messages looked back first, and at most.
+LOOK_BACK = 2_500
+LOOK_BACK_MAX = 160_000
 
 
 async def recent(nc: Client, topology: Topology, kind: str, now: datetime,
                  limit: int = LIST_LIMIT) -> list[Stored]:  # fmt: skip
     """The newest messages of ``kind`` (every order's), newest first, at most ``limit``."""
+    del now  # by sequence, not by time: a history's timestamps may be dense or sparse
     stream = _stream_of(topology, kind)
-    filters = subjects.filters(kind)
-    for window in WINDOWS_S:
-        start = now - timedelta(seconds=window)
-        total = sum([await since(nc, stream, f, start) for f in filters])
-        if total >= limit or window == WINDOWS_S[-1]:
+    info = await nc.jetstream().stream_info(stream)
+    last = int(info.state.last_seq)
+    back = LOOK_BACK
+    while True:
+        start = max(1, last - back)
+        found: list[Stored] = []
+        for subject_filter in subjects.filters(kind):
+            request = {"seq": start, "next_by_subj": subject_filter, "batch": 4 * limit}
+            found += (await direct_batch(nc, stream, request))[0]
+        if len(found) >= limit or start == 1 or back >= LOOK_BACK_MAX:
             break
-    found: list[Stored] = []
-    for subject_filter in filters:
-        request = {"start_time": _rfc3339(start), "next_by_subj": subject_filter,
-                   "batch": min(max(total, 1), 4 * limit)}  # fmt: skip
-        found += (await direct_batch(nc, stream, request))[0]
+        back *= 8
     found.sort(key=lambda s: s.sequence, reverse=True)
     return found[:limit]
 
@@ -152,7 +202,3 @@ def decode_order(stored: Stored) -> OrderCreated | None:
         return msgspec.json.decode(stored.data, type=OrderCreated)
     except msgspec.DecodeError:
         return None
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
