@@ -70,6 +70,9 @@ class Puller:
         self._requests: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._refused_until = 0.0
+        #: False once stopped: nothing more is handed over (messages already
+        #: on their way before that still are, and are seen through).
+        self.listening = True
 
     def done(self) -> None:
         """A message handed over is settled: its slot is free."""
@@ -97,6 +100,7 @@ class Puller:
             # tests/runtime/test_pull.py.)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            self.listening = False
             while self.in_hand:
                 self._wake.clear()
                 await self._sleep(PULL_EXPIRES)

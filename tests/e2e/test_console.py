@@ -49,6 +49,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000",
                  f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -120,6 +121,15 @@ async def test_the_flow_page_counts_change_while_orders_flow(
     await until(lambda: int(browser.find_element(By.CSS_SELECTOR, edge).text) >= 5, 10,
                 "the edge's events over the last minute")  # fmt: skip
     assert browser.execute_script("return window.notReloaded === true;")
+    # The topology, drawn from streams.yaml: an arrow per consumed and per emitted kind.
+    lines = browser.find_elements(By.CSS_SELECTOR, "#topology-drawing line")
+    drawn = {line.get_attribute("data-edge") for line in lines}
+    wanted = {f"{k} -> {n}" for n, fn in flow.topology.functions.items()
+              for c in fn.consumers for k in c.events}  # fmt: skip
+    wanted |= {f"{n} -> {k}" for n, fn in flow.topology.functions.items() for k in fn.emits}
+    assert drawn == wanted
+    if shot := os.environ.get("CONSOLE_SCREENSHOT"):  # to look at the page: a PNG there
+        browser.save_screenshot(shot)
 
 
 async def test_searching_an_order_opens_its_whole_timeline(

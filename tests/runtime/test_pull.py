@@ -370,7 +370,9 @@ async def test_after_stop_a_message_goes_to_the_next_puller_while_one_is_still_i
     [held] = await publish(nc, 1)
     await until(lambda: len(first.hand.got) == 1, 2.0, "one message in hand")
     first.stop.set()  # one in hand: its request (15 slots free) is still open on the server
-    await asyncio.sleep(0.1)  # the stop reaches the loop
+    # Once it has stopped listening (a message already on its way before that is
+    # handed over and seen through, as any other it holds).
+    await until(lambda: not first.puller.listening, 2.0, "the puller stopped listening")
     [late] = await publish(nc, 1)
     published = time.monotonic()
 
@@ -445,6 +447,7 @@ async def test_after_stop_a_message_handed_back_is_not_bounced_into_the_stopping
     await publish(nc, 1)
     await until(lambda: len(first.hand.got) == 1, 2.0, "one message in hand")
     first.stop.set()  # one in hand: its request (15 slots free) stays open meanwhile
+    await until(lambda: not first.puller.listening, 2.0, "the puller stopped listening")
     [late] = await publish(nc, 1)
     await asyncio.sleep(0.5)  # where a nak would have bounced it round the request
     await first.hand.got[0].ack()
@@ -453,7 +456,7 @@ async def test_after_stop_a_message_handed_back_is_not_bounced_into_the_stopping
 
     second = start(nc, window=2)
     try:
-        await until(lambda: len(second.hand.got) == 1, 1.5, "redelivered to the next puller")
+        await until(lambda: len(second.hand.got) == 1, 3.0, "redelivered to the next puller")
         msg = second.hand.got[0]
         # Its first delivery: never handed to the stopping puller, never bounced (a
         # nak into its own open request once spent all 9 deliveries in milliseconds

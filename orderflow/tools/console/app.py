@@ -47,7 +47,7 @@ from orderflow import subjects
 from orderflow.config import Topology
 from orderflow.runtime.kv import KvStore
 from orderflow.tools import dlq, trace
-from orderflow.tools.console import pages, reads
+from orderflow.tools.console import drawing, pages, reads
 from orderflow.tools.streamlog import read_subject
 
 log = logging.getLogger("orderflow.console")
@@ -70,6 +70,7 @@ class Console:
         self.latest: reads.Snapshot | None = None
         self._changed = asyncio.Condition()
         self.mermaid = trace.mermaid_map(topology)
+        self.drawing = drawing.svg(topology)
         self.counts = reads.EdgeCounts(topology)
 
     async def snapshot(self) -> reads.Snapshot:
@@ -135,7 +136,7 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
 
     async def flow(request: Request) -> tuple[str, str]:
         snap = await console.snapshot()
-        return "Flow", pages.flow(snap.as_json(), console.mermaid)
+        return "Flow", pages.flow(snap.as_json(), console.mermaid, console.drawing)
 
     async def flow_json(request: Request) -> Response:
         return JSONResponse((await console.snapshot()).as_json())

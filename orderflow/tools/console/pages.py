@@ -68,7 +68,7 @@ def _cell(value: object) -> str:
 # --- flow ----------------------------------------------------------------------
 
 
-def flow(snapshot: dict[str, Any], mermaid: str) -> str:
+def flow(snapshot: dict[str, Any], mermaid: str, drawing: str) -> str:
     rows = []
     for name, figures in snapshot["functions"].items():
         cells = "".join(
@@ -93,8 +93,10 @@ def flow(snapshot: dict[str, Any], mermaid: str) -> str:
 <table id="edges"><thead><tr><th>event -&gt; function</th><th>events</th></tr></thead>
 <tbody>{edges}</tbody></table>
 <h2>Topology</h2>
-<p>From <code>streams.yaml</code> (<code>runner.py map</code>), as Mermaid:</p>
-<pre id="topology">{e(mermaid)}</pre>
+<p>Drawn from <code>streams.yaml</code>: each event a function consumes, and each it emits.</p>
+<div class="drawing">{drawing}</div>
+<details><summary>As Mermaid (<code>runner.py map</code>)</summary>
+<pre id="topology">{e(mermaid)}</pre></details>
 <script id="snapshot" type="application/json">{_json(snapshot)}</script>
 """
 

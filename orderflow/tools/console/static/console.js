@@ -11,7 +11,8 @@
       if (!row) continue;
       for (const cell of row.querySelectorAll("td[data-field]")) {
         const value = figures[cell.dataset.field];
-        cell.textContent = value === null || value === undefined ? "\u2013" : String(value);
+        const none = cell.dataset.field === "last_error" ? "" : "\u2013";
+        cell.textContent = value === null || value === undefined ? none : String(value);
       }
     }
     for (const [edge, count] of Object.entries(snapshot.edges)) {
