@@ -129,6 +129,11 @@ class RetryLogSpec(_Config, frozen=True):
     subject_prefix: Name = "retries"
 
 
+class InterventionLogSpec(_Config, frozen=True):
+    stream: Name
+    subject_prefix: Name = "interventions"
+
+
 class StepSpec(_Config, frozen=True):
     # How long the orchestrator waits for a step's answer before acting.
     timeout: Duration = "30s"
@@ -169,6 +174,8 @@ class Topology(_Config, frozen=True):
     dead_letters: DeadLetterSpec
     # Where every retry is noted, so a trace can show it; none: not noted.
     retry_log: RetryLogSpec | None = None
+    # Where every operator's intervention (pause, resume...) is recorded.
+    interventions: InterventionLogSpec | None = None
     inventory: InventorySpec | None = None
     orchestration: OrchestrationSpec | None = None
     # Which wiring `functions` is once loaded. In streams.yaml: the mode of
@@ -238,6 +245,10 @@ def _check(topology: Topology) -> None:
     streams = {s.name for s in topology.streams}
     if topology.retry_log and topology.retry_log.stream not in streams:
         raise ConfigError(f"retry_log.stream: no stream named {topology.retry_log.stream!r}")
+    if topology.interventions and topology.interventions.stream not in streams:
+        raise ConfigError(
+            f"interventions.stream: no stream named {topology.interventions.stream!r}"
+        )
     if topology.dead_letters.stream not in streams:
         raise ConfigError(f"dead_letters.stream: no stream named {topology.dead_letters.stream!r}")
     buckets = {b.name for b in topology.buckets}

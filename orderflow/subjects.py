@@ -110,12 +110,22 @@ def retry_note(prefix: str, order_id: str, function: str) -> str:
     return f"{prefix}.{order_id}.{function}"
 
 
+def intervention_on_function(prefix: str, function: str) -> str:
+    """``interventions.function.<name>``: what operators did to a function (pause, resume)."""
+    return f"{prefix}.function.{function}"
+
+
 # --- the server's names ---------------------------------------------------------
 
 
 def consumer_next(stream: str, durable: str) -> str:
     """Where a pull consumer is asked for its next messages."""
     return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+
+def consumer_pause(stream: str, durable: str) -> str:
+    """Where a consumer is paused until a time, or resumed (nats-server 2.11+)."""
+    return f"$JS.API.CONSUMER.PAUSE.{stream}.{durable}"
 
 
 def consumer_info(stream: str, durable: str) -> str:

@@ -22,7 +22,15 @@ def add(parser: argparse.ArgumentParser) -> None:
     show.add_argument("ids", type=int, nargs="+", metavar="ID")
     redrive = actions.add_parser("redrive", help="republish to the original subject")
     redrive.add_argument("ids", type=int, nargs="*", metavar="ID")
-    redrive.add_argument("--all", action="store_true")
+    redrive.add_argument("--all", action="store_true", help="every dead letter (or every one "
+                         "that matches the filters below)")  # fmt: skip
+    redrive.add_argument("--function", default="", help="only those this function gave up")
+    redrive.add_argument("--reason", default="", metavar="TEXT",
+                         help="only those whose reason contains TEXT")  # fmt: skip
+    redrive.add_argument("--since", default="", metavar="TIME",
+                         help="only those dead-lettered at or after TIME (ISO, UTC)")  # fmt: skip
+    redrive.add_argument("--dry-run", action="store_true",
+                         help="say how many and which, redrive nothing")  # fmt: skip
 
 
 def run(args: argparse.Namespace, topology: Topology) -> int:
@@ -47,10 +55,19 @@ async def _dlq(args: argparse.Namespace, topology: Topology) -> int:
             for i in args.ids:
                 print(dlq.render_one(by_id[i]))
             return 0
-        chosen = letters if args.all else [by_id[i] for i in args.ids]
+        filtered = bool(args.function or args.reason or args.since)
+        chosen = letters if args.all or filtered else [by_id[i] for i in args.ids]
+        if filtered:
+            chosen = dlq.matching(chosen, args.function, args.reason, dlq.since_of(args.since))
+        if args.dry_run:
+            print(f"{len(chosen)} dead letters would be redriven")
+            for d in chosen:
+                print(f"  {d.id}: {d.function} on {d.subject}: {d.reason[:80]}")
+            return 0
         if not chosen:
-            print("nothing to redrive (give IDs or --all)", file=sys.stderr)
+            print("nothing to redrive (give IDs, --all or filters that match)", file=sys.stderr)
             return 1
         for line in await dlq.redrive(nc, topology, chosen):
             print(line)
+        print(f"redrove {len(chosen)} dead letters")
         return 0

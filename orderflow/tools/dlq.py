@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from nats.aio.client import Client
 
@@ -107,6 +108,31 @@ def render_table(letters: list[DeadLetter], width: int = 60) -> str:
 
 def render_one(letter: DeadLetter) -> str:
     return json.dumps(letter.as_json(), indent=2)
+
+
+def matching(
+    letters: list[DeadLetter], function: str = "", reason: str = "", since: datetime | None = None
+) -> list[DeadLetter]:
+    """The letters given up by ``function``, whose reason contains ``reason``, dead-lettered at
+    or after ``since``; an empty filter matches every letter."""
+    chosen = []
+    for d in letters:
+        if function and d.function != function:
+            continue
+        if reason and reason not in d.reason:
+            continue
+        if since is not None and (not d.time or datetime.fromisoformat(d.time) < since):
+            continue
+        chosen.append(d)
+    return chosen
+
+
+def since_of(text: str) -> datetime | None:
+    """``--since``: an ISO time, UTC unless it says otherwise; "" for none."""
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 async def redrive(nc: Client, topology: Topology, letters: list[DeadLetter]) -> list[str]:

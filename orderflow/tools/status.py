@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 
 from orderflow import subjects
 from orderflow.config import FunctionSpec, Topology
+from orderflow.ops import interventions
 from orderflow.runtime.kv import stream_name
 
 T = TypeVar("T")
@@ -76,6 +77,8 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
         subject = subjects.dead_letter(dlq.subject_prefix, "*", name)
         info = await _unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
         row["dead_letters"] = None if info is None else sum((info.state.subjects or {}).values())
+        pause = await _unless_electing(interventions.paused(nc, topology, name))
+        row["paused"] = interventions.describe(pause) if pause else None
         return row
 
     # Every function at once: each waits ask_all's time for its instances' answers.
@@ -130,6 +133,7 @@ def render(status: dict[str, Any]) -> str:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    lines += [f"{name}: {r['paused']}" for name, r in status["functions"].items() if r["paused"]]
     lines.append("")
     lines.append(f"{'STREAM':<20} {'MESSAGES':>10} {'BYTES':>14}  {'REPLICAS':<10} LEADER")
     for stream, s in status["streams"].items():

@@ -30,6 +30,7 @@ from nats.aio.client import Client
 from functions.events import TERMINAL_SUBJECTS
 from orderflow import subjects
 from orderflow.config import FunctionSpec, Topology
+from orderflow.ops import interventions
 from orderflow.runtime import context as ctx
 from orderflow.runtime import deadletter as dl
 from orderflow.runtime.decoding import order_of
@@ -73,6 +74,8 @@ class Owed:
     #: Dead letters of the owing function on a message that made the step due:
     #: what holds the order (a redrive of one resumes it).
     held_by: list[Aside] = field(default_factory=list)
+    #: The owing function is paused ("PAUSED since ... until ..."), or "".
+    paused: str = ""
 
 
 @dataclass
@@ -302,13 +305,18 @@ async def load(
         instances = {n: len(a) for n, a in zip(owing_functions, answers, strict=True)}
     for name in owing_functions:
         consumers[name]["instances"] = instances.get(name, 0)
+    pauses = await asyncio.gather(*(interventions.paused(nc, topology, n) for n in owing_functions))
+    paused = {
+        n: interventions.describe(p) for n, p in zip(owing_functions, pauses, strict=True) if p
+    }
     traces = {}
     for order_id, (steps, retries, dead) in found.items():
         owed = []
         for function, what, due_to in owing[order_id]:
             since = max((s.time for s in steps if s.kind in due_to), default=steps[0].time)
             held = [d for d in dead if d.function == function and d.subject in due_to]
-            owed.append(Owed(function, what, since, consumers.get(function, {}), held))
+            owed.append(Owed(function, what, since, consumers.get(function, {}), held,
+                             paused.get(function, "")))  # fmt: skip
         traces[order_id] = Trace(order_id, steps, retries, dead, owed)
     return traces
 
@@ -394,6 +402,7 @@ def render(trace: Trace, now: datetime) -> str:
             f"consumer {o.function}: {c.get('pending', 0):,} pending, {c.get('unacked', 0):,} "
             f"unacked, {c.get('instances', 0)} instances answering"
             + (" - is any instance running?" if not c.get("instances") else "")
+            + (f"\n  {o.function} is {o.paused}: runner.py resume {o.function}" if o.paused else "")
         )
         for d in o.held_by:
             lines.append(
@@ -430,6 +439,7 @@ def as_json(trace: Trace, now: datetime) -> dict[str, object]:
                 "due_for_s": (now - o.since).total_seconds(),
                 "consumer": o.consumer,
                 "held_by_dead_letters": [d.fields.get("id") for d in o.held_by],
+                "paused": o.paused,
             }
             for o in trace.owed
         ],

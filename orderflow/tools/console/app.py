@@ -238,7 +238,9 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
             return refused
         filters = {k: form.get(k, "").strip() for k in ("function", "reason", "since")}
         try:
-            matched = _matching(await dlq.dead_letters(console.nc, topology), filters)
+            since = dlq.since_of(filters["since"])
+            found = await dlq.dead_letters(console.nc, topology)
+            matched = dlq.matching(found, filters["function"], filters["reason"], since)
         except ValueError as exc:
             body = pages.problem("Cannot redrive", str(exc))
             return HTMLResponse(pages.layout("Dead letters", body, topology.mode), 400)
@@ -291,23 +293,6 @@ async def _guard(
     if not hmac.compare_digest(form.get("csrf", ""), console.csrf):
         return Response("refused: missing or wrong CSRF token", status_code=403)
     return None
-
-
-def _matching(letters: list[dlq.DeadLetter], filters: dict[str, str]) -> list[dlq.DeadLetter]:
-    since = None
-    if filters["since"]:
-        since = datetime.fromisoformat(filters["since"])
-        since = since if since.tzinfo else since.replace(tzinfo=UTC)
-    chosen = []
-    for d in letters:
-        if filters["function"] and d.function != filters["function"]:
-            continue
-        if filters["reason"] and filters["reason"] not in d.reason:
-            continue
-        if since is not None and d.time and datetime.fromisoformat(d.time) < since:
-            continue
-        chosen.append(d)
-    return chosen
 
 
 async def _saga(console: Console, order_id: str) -> dict[str, Any] | None:

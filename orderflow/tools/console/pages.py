@@ -75,7 +75,7 @@ def flow(snapshot: dict[str, Any], mermaid: str, drawing: str) -> str:
             f'<td data-field="{field}">{_cell(figures.get(field))}</td>'
             for field, _ in FUNCTION_FIELDS
         )
-        error = figures.get("last_error") or ""
+        error = figures.get("paused") or figures.get("last_error") or ""
         rows.append(
             f'<tr data-function="{e(name)}"><th>{e(name)}</th>{cells}'
             f'<td data-field="last_error" class="error">{e(error)}</td></tr>'
@@ -144,6 +144,7 @@ def order(trace: Trace, now: datetime, saga: dict[str, Any] | None) -> str:
         f'<li class="owing" data-function="{e(o.function)}"><strong>{e(o.function)}</strong>'
         f" owes {e(o.what)}, due for {(now - o.since).total_seconds():.1f} s; its consumer: "
         f"{e(_consumer(o.consumer))}"
+        + (f' <span class="paused">{e(o.function)} is {e(o.paused)}</span>' if o.paused else "")
         + "".join(
             f' — held by <a href="/dead-letters/{e(d.fields.get("id"))}">dead letter '
             f"{e(d.fields.get('id'))}</a>"

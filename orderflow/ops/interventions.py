@@ -1,0 +1,151 @@
+"""An operator's interventions in a running flow, each one recorded: pause and resume a function.
+
+Pausing uses the server's own consumer pause (nats-server 2.11+): the
+function's durable consumers stop delivering until a time (or until
+resumed), nothing is lost, nothing is redelivered meanwhile, no process
+needs to stop, and what was in hand when it paused is seen through. Its
+backlog simply waits. The processes keep asking, so delivery resumes the
+moment the pause ends.
+
+Every intervention is also an :class:`Intervention` record on
+``interventions.function.<name>`` in the interventions stream (who, what,
+when, why), so ``status``, ``trace`` and ``stuck`` can say a function is
+paused and since when, and nothing rewrites history. Who: the connecting
+user (``NATS_USER``, or the credentials file's name), else the operating
+system's user.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from nats.aio.client import Client
+
+from orderflow import subjects
+from orderflow.config import ConfigError, Topology
+from orderflow.runtime import direct
+
+#: "Until resumed": the server wants a time, so one far enough away.
+INDEFINITELY = timedelta(days=365 * 100)
+
+
+class Intervention(msgspec.Struct, frozen=True, omit_defaults=True):
+    action: Literal["pause", "resume"]
+    function: str
+    by: str
+    at: str  # RFC 3339, UTC
+    reason: str = ""
+    until: str = ""  # a pause's end, if it has one
+
+
+@dataclass(frozen=True)
+class Paused:
+    """A function's pause as the server and the record say it."""
+
+    function: str
+    since: str  # when the pause was asked for ("" if no record says)
+    until: str  # when it ends by itself ("" if until resumed)
+    by: str
+    reason: str
+
+
+def who(env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ if env is None else env)
+    if user := env.get("NATS_USER"):
+        return user
+    if creds := env.get("NATS_CREDS"):
+        return Path(creds).stem
+    return getpass.getuser()
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def consumers_of(topology: Topology, function: str) -> list[tuple[str, str]]:
+    """(stream, durable) of each of ``function``'s consumers; a clear error if no such function."""
+    if function not in topology.functions:
+        raise ConfigError(
+            f"no function {function!r} in {topology.mode} mode "
+            f"(functions: {', '.join(topology.functions)})"
+        )
+    return [(c.stream, c.durable) for c in topology.functions[function].consumers]
+
+
+async def _record(nc: Client, topology: Topology, record: Intervention) -> None:
+    log = topology.interventions
+    if log is None:
+        raise ConfigError("interventions: not set in streams.yaml, so nothing could record this")
+    subject = subjects.intervention_on_function(log.subject_prefix, record.function)
+    await nc.jetstream().publish(subject, msgspec.json.encode(record), stream=log.stream)
+
+
+async def pause(
+    nc: Client,
+    topology: Topology,
+    function: str,
+    until: datetime | None,
+    reason: str,
+    now: datetime,
+    by: str,
+) -> Intervention:
+    """Pause every consumer of ``function`` until ``until`` (None: until resumed)."""
+    consumers = consumers_of(topology, function)
+    ends = until or now + INDEFINITELY
+    if ends <= now:
+        raise ConfigError(f"--until {_rfc3339(ends)}: that is not in the future")
+    record = Intervention("pause", function, by, _rfc3339(now), reason,
+                          _rfc3339(until) if until else "")  # fmt: skip
+    await _record(nc, topology, record)  # first: the record never misses a pause
+    js = nc.jetstream()
+    for stream, durable in consumers:
+        await js.pause_consumer(stream, durable, _rfc3339(ends))
+    return record
+
+
+async def resume(
+    nc: Client, topology: Topology, function: str, reason: str, now: datetime, by: str
+) -> Intervention:
+    consumers = consumers_of(topology, function)
+    js = nc.jetstream()
+    for stream, durable in consumers:
+        await js.resume_consumer(stream, durable)
+    record = Intervention("resume", function, by, _rfc3339(now), reason)
+    await _record(nc, topology, record)
+    return record
+
+
+async def last_record(nc: Client, topology: Topology, function: str) -> Intervention | None:
+    log = topology.interventions
+    if log is None:
+        return None
+    subject = subjects.intervention_on_function(log.subject_prefix, function)
+    reply = await nc.request(f"{subjects.direct_get(log.stream)}.{subject}", b"", timeout=5.0)
+    msg = direct.found(reply, f"{log.stream}: reading {subject}")
+    return None if msg is None else msgspec.json.decode(msg.data, type=Intervention)
+
+
+async def paused(nc: Client, topology: Topology, function: str) -> Paused | None:
+    """The function's pause, if any of its consumers is paused now."""
+    js = nc.jetstream()
+    infos = [await js.consumer_info(s, d) for s, d in consumers_of(topology, function)]
+    if not any(info.paused for info in infos):
+        return None
+    record = await last_record(nc, topology, function)
+    if record is None or record.action != "pause":
+        return Paused(function, "", "", "", "")
+    return Paused(function, record.at, record.until, record.by, record.reason)
+
+
+def describe(pause: Paused) -> str:
+    since = f" since {pause.since}" if pause.since else ""
+    until = f" until {pause.until}" if pause.until else " until resumed"
+    by = f" by {pause.by}" if pause.by else ""
+    why = f": {pause.reason}" if pause.reason else ""
+    return f"PAUSED{since}{until}{by}{why}"
