@@ -68,6 +68,7 @@ from orderflow.runtime.connect import CREDENTIAL_VARS
 
 ADMIN = "admin"
 CLIENT = "client"
+OPERATOR = "operator"
 #: where ``auth`` writes, under the data dir
 AUTH_DIR = "auth"
 SERVER_CONF = "server.conf"
@@ -174,13 +175,46 @@ def client_permissions(topology: Topology) -> Permissions:
     )
 
 
+def operator_permissions(topology: Topology) -> Permissions:
+    """The role that may intervene (``pause``, ``resume``, ``dlq redrive``) and read what the
+    commands and the console read. It may republish what some function consumes (a redrive
+    sends a dead letter back where it came from), never an order's end, and it may not
+    create or change a consumer. No function may pause a consumer or delete a dead letter."""
+    publish: list[str] = []
+    # Both wirings' consumers: either may be the running one.
+    wirings = [*topology.functions.items(), *topology.inactive.items()]
+    for _, fn in wirings:
+        for c in fn.consumers:
+            publish += [
+                subjects.consumer_pause(c.stream, c.durable),
+                subjects.consumer_info(c.stream, c.durable),
+            ]
+    for stream in topology.streams:
+        publish += [
+            subjects.direct_get(stream.name),
+            f"{subjects.direct_get(stream.name)}.>",
+            f"$JS.API.STREAM.INFO.{stream.name}",
+            subjects.leader_get(stream.name),
+        ]
+    if topology.interventions is not None:
+        publish.append(f"{topology.interventions.subject_prefix}.>")
+    # A redrive: the dead letter's original bytes back to the original subject
+    # (the inputs some function consumes), then the dead letter deleted.
+    publish += [s for kind in _consumed(topology) for s in subjects.filters(kind)]
+    publish.append(f"$JS.API.STREAM.MSG.DELETE.{topology.dead_letters.stream}")
+    publish += [subjects.service_api(verb, name)
+                for name, _ in wirings for verb in ("PING", "STATS")]  # fmt: skip
+    return Permissions(_unique(publish), (f"{inbox_prefix(OPERATOR)}.>",))
+
+
 def permissions(topology: Topology) -> dict[str, Permissions]:
     """Every user but the admin (who may do anything), by name."""
-    for reserved in (ADMIN, CLIENT):
+    for reserved in (ADMIN, CLIENT, OPERATOR):
         if reserved in topology.functions:
             raise ConfigError(f"functions.{reserved}: the name is taken by the {reserved} user")
     users = {name: function_permissions(topology, name) for name in topology.functions}
     users[CLIENT] = client_permissions(topology)
+    users[OPERATOR] = operator_permissions(topology)
     return users
 
 

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -28,7 +29,7 @@ from nats.aio.msg import Msg
 from functions.events import TERMINAL_SUBJECTS
 from orderflow import config
 from orderflow.config import MODES, ConfigError, Mode, Topology
-from orderflow.ops import auth
+from orderflow.ops import auth, interventions
 from orderflow.ops.provision import provision
 from orderflow.ops.server import EmbeddedServer, free_port
 from orderflow.runtime.connect import connect
@@ -109,7 +110,7 @@ async def _until(condition: object, what: str, timeout: float = 3.0) -> None:
 
 def test_permissions_follow_the_topology(topology: Topology) -> None:
     users = auth.permissions(topology)
-    assert set(users) == {"payment", "stock", "delivery", "order", "client"}
+    assert set(users) == {"payment", "stock", "delivery", "order", "client", "operator"}
     assert users["payment"].publish == (
         "$JS.API.CONSUMER.INFO.ORDERS.payment",
         "$JS.API.CONSUMER.MSG.NEXT.ORDERS.payment",
@@ -161,7 +162,7 @@ def test_auth_command_writes_private_files_and_no_secret(tmp_path: Path) -> None
     first = run()
     directory = tmp_path / auth.AUTH_DIR
     envs = {p.stem: auth.read_env(p) for p in directory.glob("*.env")}
-    assert set(envs) == {"admin", "client", "payment", "stock", "delivery", "order"}
+    assert set(envs) == {"admin", "client", "operator", "payment", "stock", "delivery", "order"}
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for path in directory.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -210,6 +211,47 @@ async def test_payment_may_not_emit_delivery_nor_pull_from_stock(secure: Secure)
     assert subjects == ["orders.created", "order.au-1.payments.failed"]
     assert any('user:payment" - Publish Violation - Subject "order.au-1.delivery.scheduled"'
                in line for line in secure.violations())  # fmt: skip
+
+
+def test_only_the_operator_may_intervene(topology: Topology) -> None:
+    users = auth.permissions(topology)
+    operator = users["operator"].publish
+    for fn in topology.functions.values():
+        for c in fn.consumers:
+            assert f"$JS.API.CONSUMER.PAUSE.{c.stream}.{c.durable}" in operator
+    assert "$JS.API.STREAM.MSG.DELETE.DEAD_LETTERS" in operator  # a redrive's last step
+    assert "interventions.>" in operator
+    # It reads, and republishes what a function consumes (a redrive), but no order's end,
+    # and it changes no consumer.
+    assert not any(p.startswith("$JS.API.CONSUMER.CREATE") for p in operator)
+    assert "order.*.payments.succeeded" in operator  # a delivery's dead letter, redriven
+    assert not any(f"order.*.{k}" in operator for k in ("orders.completed", "orders.cancelled"))
+    for name, allowed in users.items():
+        if name != "operator":
+            assert not any("CONSUMER.PAUSE" in p or "MSG.DELETE" in p for p in allowed.publish)
+
+
+async def test_the_operator_pauses_and_resumes_a_function_and_a_function_cannot(
+    secure: Secure, topology: Topology
+) -> None:
+    now = datetime.now(UTC)
+    operator, _ = await secure.connect_as("operator")
+    record = await interventions.pause(operator, topology, "delivery", None, "maintenance", now,
+                                       "operator")  # fmt: skip
+    assert record.by == "operator"
+    assert (await interventions.paused(operator, topology, "delivery")) is not None
+    await interventions.resume(operator, topology, "delivery", "done", now, "operator")
+    assert (await interventions.paused(operator, topology, "delivery")) is None
+
+    payment, errors = await secure.connect_as("payment")
+    await payment.publish("$JS.API.CONSUMER.PAUSE.ORDERS.delivery", b"{}")
+    await payment.flush()
+    await _until(lambda: errors, "the violation")
+    assert errors == [
+        'nats: permissions violation for publish to "$js.api.consumer.pause.orders.delivery"'
+    ]
+    info = await secure.admin.jetstream().consumer_info("ORDERS", "delivery")
+    assert not info.paused
 
 
 async def test_client_may_only_publish_orders_created(secure: Secure, topology: Topology) -> None:
@@ -356,7 +398,12 @@ def test_demo_secure_runs_every_function_as_its_own_user(tmp_path: Path, mode: M
     server_log = (tmp_path / "nats" / "nats-server.log").read_text()
     assert "Using configuration file" in server_log and "Violation" not in server_log
     users = {p.stem for p in (tmp_path / "auth").glob("*.env")}
-    assert users == {*config.load(ROOT / "streams.yaml", mode).functions, "client", "admin"}
+    assert users == {
+        *config.load(ROOT / "streams.yaml", mode).functions,
+        "client",
+        "admin",
+        "operator",
+    }
     passwords = [auth.read_env(p)["NATS_PASSWORD"] for p in (tmp_path / "auth").glob("*.env")]
     logs = done.stdout + done.stderr + "".join(p.read_text() for p in tmp_path.glob("logs/*"))
     assert not [p for p in passwords if p in logs]
