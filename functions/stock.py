@@ -244,11 +244,10 @@ async def reserve(orders: Sequence[OrderCreated], store: Store) -> list[Outcome]
     for _ in range(CONFLICT_ATTEMPTS):
         if not undecided:
             break
-        records, levels = await asyncio.gather(
+        records, _ = await asyncio.gather(
             store.get_many([order_key(o) for o in undecided], Reservation),
-            store.get_many([level_key(sku) for o in undecided for sku in _skus(lines[o])], Level),
+            _read_levels(store, [sku for o in undecided for sku in _skus(lines[o])], latest),
         )
-        latest.update((key.removeprefix("level."), entry) for key, entry in levels.items())
         # Decided already (a redelivery, or another execution won): adopt it.
         for order_id in undecided:
             if (record := records.get(order_key(order_id))) is not None:
@@ -267,19 +266,22 @@ async def reserve(orders: Sequence[OrderCreated], store: Store) -> list[Outcome]
         # A lost record (another execution decided first) is adopted next round.
         undecided = [o for o in todo if o not in decided]
     unsettled = await _settle_all(store, decided, lines, latest)
-    outcomes: list[Outcome] = []
-    for order in orders:
-        order_id = order.order_id
-        if order_id not in decided:
-            outcomes.append(
-                Retry(f"state kept changing under us ({CONFLICT_ATTEMPTS} compare-and-set rounds)")
-            )
-        elif (sku := unsettled.get(order_id)) is not None:
-            # The decision stands; the redelivery settles what is left.
-            outcomes.append(Retry(f"level of {sku} kept changing while settling order {order_id}"))
-        else:
-            outcomes.append(events_for(order_id, decided[order_id].value, OrderCreated))
-    return outcomes
+    return [_outcome(o.order_id, decided, unsettled, OrderCreated) for o in orders]
+
+
+def _outcome(
+    order_id: str,
+    decided: Mapping[str, Versioned[Reservation]],
+    unsettled: Mapping[str, str],
+    trigger: type[Event],
+) -> Outcome:
+    """What a batch gives one order: the events its decision calls for, or why not yet."""
+    if order_id not in decided:
+        return Retry(f"state kept changing under us ({CONFLICT_ATTEMPTS} compare-and-set rounds)")
+    if (sku := unsettled.get(order_id)) is not None:
+        # The decision stands; the redelivery settles what is left.
+        return Retry(f"level of {sku} kept changing while settling order {order_id}")
+    return events_for(order_id, decided[order_id].value, trigger)
 
 
 def decide_batch(
@@ -292,14 +294,42 @@ def decide_batch(
     changes: dict[str, Level] = {}
     for order_id, lines in orders:
         decisions[order_id], changed = decide_reservation(order_id, lines, current)
-        for sku, new in changed.items():
-            current[sku] = Versioned(new, _revision(levels.get(sku)))
-            changes[sku] = new
+        _apply(changed, levels, current, changes)
     return decisions, changes
+
+
+def decide_releases(held: Mapping[str, Versioned[Reservation]], levels: Levels) -> dict[str, Level]:
+    """The new level of every SKU the held reservations give back, one after the other."""
+    current = dict(levels)
+    changes: dict[str, Level] = {}
+    for order_id, reserved in held.items():
+        _apply(decide_release(order_id, reserved, current), levels, current, changes)
+    return changes
+
+
+def _apply(
+    changed: Mapping[str, Level],
+    read: Levels,
+    current: dict[str, Versioned[Level] | None],
+    changes: dict[str, Level],
+) -> None:
+    """One decision's changes, seen by the next decision; each based on the revision read."""
+    for sku, new in changed.items():
+        current[sku] = Versioned(new, _revision(read.get(sku)))
+        changes[sku] = new
 
 
 def _skus(lines: Sequence[StockLine]) -> list[str]:
     return [line.sku for line in lines]
+
+
+async def _read_levels(
+    store: Store, skus: Sequence[str], latest: dict[str, Versioned[Level]]
+) -> None:
+    """Read the levels of ``skus`` (one request) into ``latest``, the newest seen of each."""
+    keys = {level_key(sku): sku for sku in skus}
+    found = await store.get_many(list(keys), Level)
+    latest.update((keys[key], entry) for key, entry in found.items())
 
 
 async def _write_changes(
@@ -369,16 +399,9 @@ async def release(failures: Sequence[PaymentFailed], store: Store) -> list[Outco
                 decided[order_id] = record
         # The levels of released ones too: a redelivery settles what is left.
         holding = [o for o in todo if o in held or _status(decided.get(o)) == "released"]
-        levels = await store.get_many(
-            [level_key(s) for o in holding for s in _skus(lines[o])], Level
-        )
-        latest.update((key.removeprefix("level."), entry) for key, entry in levels.items())
+        await _read_levels(store, [sku for o in holding for sku in _skus(lines[o])], latest)
         read = {sku: latest.get(sku) for o in held for sku in _skus(lines[o])}
-        current, changes = dict(read), {}
-        for order_id, record in held.items():
-            for sku, new in decide_release(order_id, record, current).items():
-                current[sku] = Versioned(new, _revision(read.get(sku)))
-                changes[sku] = new
+        changes = decide_releases(held, read)
         moved = await _write_changes(store, read, changes, latest)
         standing = [o for o in held if not moved.intersection(_skus(lines[o]))]
         after = {
@@ -396,25 +419,20 @@ async def release(failures: Sequence[PaymentFailed], store: Store) -> list[Outco
         todo = [o for o in held if o not in decided]
     released = {o: r for o, r in decided.items() if r.value.status == "released"}
     unsettled = await _settle_all(store, released, lines, latest)
-    outcomes: list[Outcome] = []
-    for failed in failures:
-        order_id = failed.order_id
-        if order_id in undecided_yet:
-            # Ours to settle once we have decided the reservation (orders.created
-            # is ahead of this message in our own consumer, so it is on its way).
-            outcomes.append(Retry("no reservation decided for this order yet"))
-        elif order_id not in decided:
-            outcomes.append(
-                Retry(f"state kept changing under us ({CONFLICT_ATTEMPTS} compare-and-set rounds)")
-            )
-        elif (moving := unsettled.get(order_id)) is not None:
-            outcomes.append(
-                Retry(f"level of {moving} kept changing while settling order {order_id}")
-            )
-        else:
-            # unavailable: nothing is held, nothing to give back
-            outcomes.append(events_for(order_id, decided[order_id].value, PaymentFailed))
-    return outcomes
+    return [_released_outcome(f.order_id, undecided_yet, decided, unsettled) for f in failures]
+
+
+def _released_outcome(
+    order_id: str,
+    undecided_yet: set[str],
+    decided: Mapping[str, Versioned[Reservation]],
+    unsettled: Mapping[str, str],
+) -> Outcome:
+    if order_id in undecided_yet:
+        # Ours to settle once we have decided the reservation (orders.created is
+        # ahead of this message in our own consumer, so it is on its way).
+        return Retry("no reservation decided for this order yet")
+    return _outcome(order_id, decided, unsettled, PaymentFailed)
 
 
 def _status(record: Versioned[Reservation] | None) -> str | None:
