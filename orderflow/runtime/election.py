@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+T = TypeVar("T")
 
 #: Seconds between attempts while nobody answers for a stream.
 POLL = 0.25
@@ -42,6 +46,18 @@ WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErr
 WRONG_LAST_SEQUENCE_IN_FLIGHT = 10164  # JSStreamWrongLastSequenceConstantErr
 
 
+async def retrying(call: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """``call()``, called again while no server answers for it, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except nats.errors.NoRespondersError:
+            if time.monotonic() + POLL >= deadline:
+                raise
+            await asyncio.sleep(POLL)
+
+
 async def request(
     nc: Client,
     subject: str,
@@ -51,15 +67,12 @@ async def request(
 ) -> Msg:
     """``nc.request``, asked again while no server answers for ``subject``, within ``timeout``."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await nc.request(
-                subject, payload, timeout=max(deadline - time.monotonic(), POLL), headers=headers
-            )
-        except nats.errors.NoRespondersError:
-            if time.monotonic() + POLL >= deadline:
-                raise
-            await asyncio.sleep(POLL)
+
+    def ask() -> Awaitable[Msg]:
+        left = max(deadline - time.monotonic(), POLL)
+        return nc.request(subject, payload, timeout=left, headers=headers)
+
+    return await retrying(ask, timeout)
 
 
 class ApiError(msgspec.Struct):

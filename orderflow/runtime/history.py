@@ -20,14 +20,11 @@ stored everything it acknowledged.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
 from collections.abc import Sequence
 from typing import TypeVar
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -78,7 +75,7 @@ class OrderLog:
         self.timeout = timeout
         self._direct = subjects.direct_get(stream) + "."
         self._leader = subjects.leader_get(stream)
-        self._many = direct.MultiLast(nc, stream, timeout)
+        self._many = direct.BatchGet(nc, stream, timeout)
         self._together: Batcher[str, bytes | None] = Batcher(self._read_many, READS_TOGETHER)
 
     async def last(self, order_id: str, kind: type[E]) -> E | None:
@@ -105,16 +102,8 @@ class OrderLog:
         return await self._together(subject)
 
     async def _read_many(self, wanted: Sequence[str]) -> list[bytes | None]:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                found = await self._many.get(wanted)
-                break
-            except nats.errors.NoRespondersError:
-                # Asked again while no server answers for the stream (orderflow.runtime.election).
-                if time.monotonic() + election.POLL >= deadline:
-                    raise
-                await asyncio.sleep(election.POLL)
+        # Asked again while no server answers for the stream (orderflow.runtime.election).
+        found = await election.retrying(lambda: self._many.last_of(wanted), self.timeout)
         data = {(msg.headers or {}).get("Nats-Subject", ""): msg.data for msg in found}
         return [data.get(subject) for subject in wanted]
 

@@ -66,7 +66,7 @@ class KvStore:
         self.timeout = timeout
         self._written: Counter[str] = Counter()  # writes per key, for the after-write failpoint
         self._direct_get = f"{subjects.direct_get(self.stream)}.{subjects.kv_key(bucket, '')}"
-        self._many = direct.MultiLast(nc, self.stream, timeout)
+        self._many = direct.BatchGet(nc, self.stream, timeout)
 
     def _subject(self, key: str) -> str:
         return subjects.kv_key(self.bucket, key)
@@ -89,7 +89,7 @@ class KvStore:
         # One request for them all (a batch direct get, ``multi_last``).
         prefix = subjects.kv_key(self.bucket, "")
         found: dict[str, Versioned[T]] = {}
-        for msg in await self._many.get([prefix + key for key in keys]):
+        for msg in await self._many.last_of([prefix + key for key in keys]):
             headers = msg.headers or {}
             if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
                 continue

@@ -22,6 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from functions.events import EVENT_TYPES, Event
 from orderflow import subjects
+from orderflow.runtime import direct
 
 #: Fetches answered 503 (nobody serves the consumer yet) before giving up, 0.1 s apart.
 UNAVAILABLE_TRIES = 50
@@ -133,26 +134,12 @@ async def direct_batch(
     nc: Client, stream: str, request: dict[str, object], timeout: float = 5.0
 ) -> tuple[list[Stored], int]:
     """The messages one batch direct get returns, and how many more match after them."""
-    inbox = nc.new_inbox()
-    got: list[Stored] = []
-    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    async def arrived(msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status") if not msg.data else None
-        if status is None:
-            got.append(_stored(msg))
-        elif not done.done():
-            # 204: end of batch (with what is still pending); 404: nothing matches.
-            done.set_result(int(headers.get("Nats-Num-Pending", "0")) if status == "204" else 0)
-
-    sub = await nc.subscribe(inbox, cb=arrived)
+    batch = direct.BatchGet(nc, stream, timeout)
     try:
-        await nc.publish(subjects.direct_get(stream), msgspec.json.encode(request), reply=inbox)
-        pending = await asyncio.wait_for(done, timeout)
+        found, pending = await batch.ask(request)
     finally:
-        await sub.unsubscribe()
-    return got, pending
+        await batch.close()
+    return [_stored(msg) for msg in found], pending
 
 
 async def read_subject(
