@@ -135,7 +135,15 @@ async def paused(nc: Client, topology: Topology, function: str) -> Paused | None
     """The function's pause, if any of its consumers is paused now."""
     js = nc.jetstream()
     infos = [await js.consumer_info(s, d) for s, d in consumers_of(topology, function)]
-    if not any(info.paused for info in infos):
+    return await pause_of(nc, topology, function, any(info.paused for info in infos))
+
+
+async def pause_of(
+    nc: Client, topology: Topology, function: str, paused_now: bool
+) -> Paused | None:
+    """What the record says of a pause the caller saw in the consumers' info (``paused_now``),
+    for callers that read that info anyway."""
+    if not paused_now:
         return None
     record = await last_record(nc, topology, function)
     if record is None or record.action != "pause":

@@ -64,11 +64,13 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
                     row[key] += int(data.get(key, 0))
                 row["last_error"] = data.get("last_error") or row["last_error"]
         row.update(pending=0, unacked=0, redelivered=0)
+        paused_now = False
         for consumer in fn.consumers:
             info = await _unless_electing(js.consumer_info(consumer.stream, consumer.durable))
             if info is None:
                 row.update(pending=None, unacked=None, redelivered=None)
                 break
+            paused_now = paused_now or bool(info.paused)
             row["pending"] += info.num_pending or 0
             row["unacked"] += info.num_ack_pending or 0
             row["redelivered"] += info.num_redelivered or 0
@@ -77,7 +79,7 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
         subject = subjects.dead_letter(dlq.subject_prefix, "*", name)
         info = await _unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
         row["dead_letters"] = None if info is None else sum((info.state.subjects or {}).values())
-        pause = await _unless_electing(interventions.paused(nc, topology, name))
+        pause = await _unless_electing(interventions.pause_of(nc, topology, name, paused_now))
         row["paused"] = interventions.describe(pause) if pause else None
         return row
 

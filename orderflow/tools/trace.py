@@ -177,9 +177,10 @@ def steps_of(events: list[Stored], stream: str) -> list[Step]:
 
 async def _consumer_state(nc: Client, topology: Topology, function: str) -> dict[str, int]:
     js = nc.jetstream()
-    state = {"pending": 0, "unacked": 0, "redelivered": 0, "fetching": 0}
+    state = {"pending": 0, "unacked": 0, "redelivered": 0, "fetching": 0, "paused": 0}
     for consumer in topology.functions[function].consumers:
         info = await js.consumer_info(consumer.stream, consumer.durable)
+        state["paused"] |= bool(info.paused)
         state["pending"] += info.num_pending or 0
         state["unacked"] += info.num_ack_pending or 0
         state["redelivered"] += info.num_redelivered or 0
@@ -305,7 +306,11 @@ async def load(
         instances = {n: len(a) for n, a in zip(owing_functions, answers, strict=True)}
     for name in owing_functions:
         consumers[name]["instances"] = instances.get(name, 0)
-    pauses = await asyncio.gather(*(interventions.paused(nc, topology, n) for n in owing_functions))
+    # The record of a pause only where the consumers' info (just read) shows one.
+    pauses = await asyncio.gather(*(
+        interventions.pause_of(nc, topology, n, bool(consumers[n]["paused"]))
+        for n in owing_functions
+    ))  # fmt: skip
     paused = {
         n: interventions.describe(p) for n, p in zip(owing_functions, pauses, strict=True) if p
     }

@@ -163,11 +163,10 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
         return RedirectResponse(f"/orders/{order_id}", status_code=303)
 
     async def orders(request: Request) -> tuple[str, str]:
-        now = datetime.now(UTC)
         status = request.query_params.get("status", "completed")
         customer = request.query_params.get("customer", "").strip()
         if customer:
-            ids, among = await reads.by_customer(console.nc, topology, customer, now)
+            ids, among = await reads.by_customer(console.nc, topology, customer)
             rows = [(o, "", "") for o in ids]
             note = f"Orders of customer {customer} among the newest {among} orders."
             return "Orders", pages.order_list(f"Customer {customer}", rows, note)
@@ -177,7 +176,7 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
             note = "Orders with a message not yet settled by its function, or a dead letter."
             return "Orders", pages.order_list("Unfinished", rows, note)
         kind = "orders.cancelled" if status == "cancelled" else "orders.completed"
-        stored = await reads.recent(console.nc, topology, kind, now)
+        stored = await reads.recent(console.nc, topology, kind)
         rows = [(reads.order_id_of(s), kind.split(".")[1], s.time.isoformat()) for s in stored]
         note = f"The newest {len(rows)} (at most {reads.LIST_LIMIT})."
         return "Orders", pages.order_list(kind.split(".")[1].capitalize(), rows, note)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from html import escape
 
 from orderflow.config import Topology
+from orderflow.tools.console.reads import edges
 
 ROW = 28
 BOX_W, BOX_H = 150, 22
@@ -29,9 +30,8 @@ def _box(x: int, y: int, label: str, kind: str) -> str:
 
 def svg(topology: Topology) -> str:
     functions = list(topology.functions)
-    inputs = sorted(
-        {k for fn in topology.functions.values() for c in fn.consumers for k in c.events}
-    )
+    consumed = edges(topology)  # (kind, function), as the flow page counts them
+    inputs = sorted({kind for kind, _ in consumed})
     outputs = sorted({k for fn in topology.functions.values() for k in fn.emits})
     rows = max(len(inputs), len(outputs), len(functions) * 2)
     height = rows * ROW + 20
@@ -43,12 +43,11 @@ def svg(topology: Topology) -> str:
     at_in = {k: y_of(i, len(inputs)) for i, k in enumerate(inputs)}
     at_fn = {f: y_of(i, len(functions)) for i, f in enumerate(functions)}
     at_out = {k: y_of(i, len(outputs)) for i, k in enumerate(outputs)}
-    lines = []
+    lines = [
+        (COLUMNS[0] + BOX_W, at_in[kind], COLUMNS[1], at_fn[name], f"{kind} -> {name}")
+        for kind, name in consumed
+    ]
     for name, fn in topology.functions.items():
-        for kind in sorted({k for c in fn.consumers for k in c.events}):
-            lines.append(
-                (COLUMNS[0] + BOX_W, at_in[kind], COLUMNS[1], at_fn[name], f"{kind} -> {name}")
-            )
         for kind in fn.emits:
             lines.append(
                 (COLUMNS[1] + BOX_W, at_fn[name], COLUMNS[2], at_out[kind], f"{name} -> {kind}")

@@ -17,7 +17,7 @@ from html import escape
 from typing import Any
 
 from orderflow.tools.dlq import DeadLetter
-from orderflow.tools.trace import Trace
+from orderflow.tools.trace import Aside, Trace
 
 #: Columns of the flow page's function table: (field in the snapshot, heading).
 FUNCTION_FIELDS = (
@@ -156,7 +156,7 @@ def order(trace: Trace, now: datetime, saga: dict[str, Any] | None) -> str:
     asides = "".join(
         f'<tr class="{"retry" if a.kind == "retry" else "dead-letter"}">'
         f"<td>{e(a.time.strftime('%H:%M:%S.%f')[:-3])}</td><td>{e(a.kind)}</td>"
-        f"<td>{e(a.function)}</td><td>{e(a.subject)}</td><td>{_aside_detail(a.kind, a)}</td></tr>"
+        f"<td>{e(a.function)}</td><td>{e(a.subject)}</td><td>{_aside_detail(a)}</td></tr>"
         for a in sorted([*trace.retries, *trace.dead_letters], key=lambda a: a.time)
     )
     outcome = trace.outcome or "unfinished"
@@ -174,8 +174,8 @@ def order(trace: Trace, now: datetime, saga: dict[str, Any] | None) -> str:
 """
 
 
-def _aside_detail(kind: str, aside: Any) -> str:
-    if kind == "retry":
+def _aside_detail(aside: Aside) -> str:
+    if aside.kind == "retry":
         return e(aside.detail)
     ident = aside.fields.get("id")
     return f'<a href="/dead-letters/{e(ident)}">{e(aside.detail)}</a>'

@@ -122,12 +122,8 @@ async def snapshot(nc: Client, topology: Topology, now: datetime, counts: EdgeCo
 
 
 def _stream_of(topology: Topology, kind: str) -> str:
-    """The stream a kind is read from (the alarms' is not the orders')."""
-    for fn in topology.functions.values():
-        for consumer in fn.consumers:
-            if kind in consumer.events:
-                return consumer.stream
-    return topology.events_stream
+    """The stream a kind is stored in (the alarms' is not the orders')."""
+    return topology.stream_of(subjects.filters(kind)[0])
 
 
 # --- recent orders ---------------------------------------------------------------
@@ -143,10 +139,11 @@ LOOK_BACK = 2_500
 LOOK_BACK_MAX = 160_000
 
 
-async def recent(nc: Client, topology: Topology, kind: str, now: datetime,
-                 limit: int = LIST_LIMIT) -> list[Stored]:  # fmt: skip
-    """The newest messages of ``kind`` (every order's), newest first, at most ``limit``."""
-    del now  # by sequence, not by time: a history's timestamps may be dense or sparse
+async def recent(
+    nc: Client, topology: Topology, kind: str, limit: int = LIST_LIMIT
+) -> list[Stored]:
+    """The newest messages of ``kind`` (every order's), newest first, at most ``limit``: by
+    sequence, not by time (a history's timestamps may be dense or sparse)."""
     stream = _stream_of(topology, kind)
     info = await nc.jetstream().stream_info(stream)
     last = int(info.state.last_seq)
@@ -182,10 +179,11 @@ def order_id_of(stored: Stored) -> str:
         return ""
 
 
-async def by_customer(nc: Client, topology: Topology, customer_id: str, now: datetime,
-                      among: int = 500) -> tuple[list[str], int]:  # fmt: skip
+async def by_customer(
+    nc: Client, topology: Topology, customer_id: str, among: int = 500
+) -> tuple[list[str], int]:
     """Orders of ``customer_id`` among the newest ``among`` orders, and how many were looked at."""
-    created = await recent(nc, topology, subjects.INGRESS, now, limit=among)
+    created = await recent(nc, topology, subjects.INGRESS, limit=among)
     ids = []
     for stored in created:
         try:
