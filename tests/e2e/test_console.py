@@ -31,6 +31,7 @@ from orderflow.runtime.kv import KvStore
 from tests.conftest import ROOT, StartFlow
 from tests.e2e.test_gateway_outage import SHORTER
 from tests.flowkit import Flow, order, terminal_counts
+from tests.waiting import value_when
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -168,12 +169,7 @@ async def test_with_delivery_stopped_a_paid_and_reserved_order_shows_delivery_ow
         seen = (await flow.by_order()).get("cd-1", [])
         return {"payments.succeeded", "stock.reserved"} <= set(seen)
 
-    for _ in range(100):
-        if await paid_and_reserved():
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("never paid and reserved")
+    await value_when(paid_and_reserved, bool, 10, "paid and reserved")
     await asyncio.to_thread(browser.get, url + "/orders/cd-1")
     owing = browser.find_elements(By.CSS_SELECTOR, '#owed li.owing[data-function="delivery"]')
     assert len(owing) == 1, browser.page_source
@@ -196,7 +192,7 @@ async def test_an_orchestrated_order_shows_its_saga_and_its_deadline(
     async def scheduling() -> bool:
         return "saga.delivery.schedule" in (await flow.by_order()).get("co-1", [])
 
-    await until_async(scheduling, 15, "the saga at its delivery step")
+    await value_when(scheduling, bool, 15, "the saga at its delivery step")
     await asyncio.to_thread(browser.get, url + "/orders/co-1")
     saga = browser.find_element(By.ID, "saga")
     field = {row.get_attribute("data-field"): row.find_element(By.TAG_NAME, "td").text
@@ -217,7 +213,7 @@ async def test_a_dead_letter_redriven_from_the_page_completes_the_order_once(
     url = await console(flow)
     placed: OrderCreated = order("cl-1", token=DOWN_TOKEN)
     await flow.publish(placed)
-    letters = await until_async(lambda: _letters(flow, "cl-1"), 15, "the charge dead-lettered")
+    letters = await value_when(lambda: _letters(flow, "cl-1"), bool, 15, "the charge dead-lettered")
     [letter] = letters
     await SimulatedGateway(KvStore(flow.nc, "gateway")).restore()
 
@@ -256,7 +252,7 @@ async def test_redriving_all_that_match_says_first_how_many_then_redrives_those(
         found = [i for o in held for i in await _letters(flow, o.order_id)]
         return found if len(found) == len(held) else []
 
-    await until_async(all_held, 20, "the three charges dead-lettered")
+    await value_when(all_held, bool, 20, "the three charges dead-lettered")
     await SimulatedGateway(KvStore(flow.nc, "gateway")).restore()
     await asyncio.to_thread(browser.get, url + "/dead-letters")
     form = browser.find_element(By.ID, "redrive-matching")
@@ -315,11 +311,3 @@ async def test_a_read_only_console_shows_no_action_and_refuses_every_post(
 
 async def _letters(flow: Flow, order_id: str) -> list[int]:
     return [d.id for d in await flow.dead_letters() if f'"{order_id}"' in d.data.decode()]
-
-
-async def until_async(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    for _ in range(int(timeout / 0.1)):
-        if got := await check():
-            return got
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")

@@ -21,6 +21,7 @@ from orderflow.tools.streamlog import read_subject
 from tests.conftest import ROOT, StartFlow
 from tests.e2e.test_gateway_outage import SHORTER
 from tests.flowkit import Flow, order, terminal_counts
+from tests.waiting import until, value_when
 
 
 def runner(flow: Flow, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,12 +47,7 @@ async def test_a_paused_function_holds_its_backlog_and_resume_drains_it(
         seen = await flow.by_order()
         return all({"payments.succeeded", "stock.reserved"} <= set(seen.get(o, [])) for o in ids)
 
-    for _ in range(150):
-        if await waiting():
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("the orders were never paid and reserved")
+    await until(waiting, 15, "the orders paid and reserved")
     await asyncio.sleep(2.0)  # longer than a pull request's life: still nothing delivered
     seen = await flow.by_order()
     assert not any("delivery.scheduled" in seen[o] for o in ids)
@@ -120,10 +116,8 @@ async def test_a_filtered_redrive_dry_run_counts_what_the_real_run_redrives(
     async def letters() -> int:
         return len(await flow.dead_letters())
 
-    for _ in range(200):
-        if await letters() >= 4:  # 3 charges; the invalid order by payment and by stock
-            break
-        await asyncio.sleep(0.1)
+    # 3 charges; the invalid order by payment and by stock.
+    await value_when(letters, lambda n: n >= 4, 20, "the dead letters")
     await SimulatedGateway(KvStore(flow.nc, "gateway")).restore()
     since = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
     args = ["--config", str(flow.config), "dlq", "redrive", "--function", "payment",

@@ -25,7 +25,7 @@ from orderflow.ops.server import EmbeddedServer
 from orderflow.runtime import pull
 from orderflow.runtime.connect import connect
 from orderflow.runtime.pull import Puller
-from tests.runtime.waiting import until, value_when
+from tests.waiting import until, value_when
 
 STREAM = "PULL"
 DURABLE = "c"

@@ -41,7 +41,7 @@ from orderflow.runtime.pipeline import Handler
 from orderflow.runtime.worker import RetryNote, Worker
 from orderflow.tools.dlq import DeadLetter, dead_letters
 from orderflow.tools.streamlog import Stored, read_stream, read_subject
-from tests.runtime.waiting import until, value_when
+from tests.waiting import until, value_when
 
 FUNCTION = "delivery"
 DURABLE = "delivery"
