@@ -13,7 +13,7 @@ and never reaches a handler. Money is always integer cents.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -81,9 +81,13 @@ class OrderCompleted(Event, tag="orders.completed", frozen=True):
 
 
 class OrderCancelled(Event, tag="orders.cancelled", frozen=True):
-    """Terminal: something failed and everything held for the order was given back."""
+    """Terminal: something failed, or a customer asked (``request_id``), and everything
+    held for the order was given back."""
 
     reason: Reason
+    #: The cancellation request that cancelled it, if one did (``CancelRequest``).
+    request_id: str = ""
+    requested_by: str = ""
 
 
 class OrderRejected(Event, tag="orders.rejected", frozen=True):
@@ -141,6 +145,24 @@ class StockReleased(Event, tag="stock.released", frozen=True):
 
 class DeliveryScheduled(Event, tag="delivery.scheduled", frozen=True):
     tracking_id: str
+
+
+class DeliveryCancelled(Event, tag="delivery.cancelled", frozen=True):
+    """The order will not be delivered: cancelled on request (``request_id``), or failed.
+
+    With :class:`DeliveryScheduled` it is one of the two answers to "will this
+    order be delivered?", and an order gets exactly one of them: the stream
+    stores whichever comes first and refuses the other (:data:`DELIVERY_DECISIONS`).
+    That is the one place where a cancellation and the order's own progress
+    race, decided once by the order's history. A cancellation request stores it
+    (``functions.cancel``); so does ``order`` before it ends a failed order, so
+    that a request arriving at that moment is answered by what the order's
+    history says, not by a guess.
+    """
+
+    reason: Reason
+    request_id: str = ""  # empty: closed because the order failed, not on request
+    requested_by: str = ""
 
 
 # --- commands (orchestration mode) -------------------------------------------
@@ -243,6 +265,51 @@ def event_id(event: Event) -> str:
     if isinstance(event, Command):
         return f"{base}:{event.attempt}"
     return base
+
+
+#: The kinds of which an order has at most one *between them*: stored with
+#: ``Nats-Expected-Last-Subject-Sequence: 0`` checked against all of their subjects
+#: (``orderflow.subjects.decision``), so the first stored decides and the stream
+#: refuses the rest, however late.
+DELIVERY_DECISIONS: tuple[type[Event], ...] = (DeliveryScheduled, DeliveryCancelled)
+
+
+# --- requests ---------------------------------------------------------------
+#
+# Not events: what a client asks on a request subject and the answer it gets
+# at once (NATS request/reply). What the answer changes is stored as events.
+
+
+class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Cancel an order (``orders.cancel``), e.g. because the customer changed their mind.
+
+    ``request_id`` names the request: asking again with the same id (an answer
+    that got lost) gets the same answer. Left out, it is derived from the
+    rest, so the same request sent twice is one request.
+    """
+
+    order_id: OrderId
+    reason: Reason = ""
+    requested_by: Annotated[str, Meta(max_length=64)] = ""
+    request_id: Annotated[str, Meta(max_length=64)] = ""
+
+
+class CancelAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``accepted``: the order will end cancelled, by this request or an earlier one.
+    ``too late``: it will not (``rule`` says why); ``unknown``: no such order."""
+
+    order_id: str
+    answer: Literal["accepted", "too late", "unknown"]
+    rule: str
+    request_id: str = ""
+    reason: str = ""
+
+
+#: Where a cancellation is asked (``nats req orders.cancel '{"order_id": "o-1"}'``).
+CANCEL_SUBJECT = "orders.cancel"
+
+#: request subject -> what is asked on it (core NATS request/reply; nothing stores it).
+REQUEST_TYPES: dict[str, type[CancelRequest]] = {CANCEL_SUBJECT: CancelRequest}
 
 
 TERMINAL_SUBJECTS: frozenset[str] = frozenset({"orders.completed", "orders.cancelled"})

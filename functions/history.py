@@ -8,9 +8,11 @@ KV bucket, a handler asks the history:
 * ``last(order_id, kind)``: the order's event of that kind, or ``None``; each
   order has each kind at most once, so the last is the only one;
 * ``append(event)``: store an event *now*, before reading on (a join's own
-  half, see below). At most once per order and kind: appending what is
-  stored already does nothing. Handlers may also just return events, which
-  the runner appends after they return.
+  half, see below). At most once per order and kind, and one delivery
+  decision per order (``functions.events.DELIVERY_DECISIONS``): appending
+  what is stored already, or a decision the order has taken, does nothing.
+  Handlers may also just return events, which the runner appends after
+  they return.
 
 Why reads after appends are enough: of the two halves of a join, each stored
 before its handler reads for the other, the handler of the later-stored half
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
-from functions.events import Event, subject_of
+from functions.events import DELIVERY_DECISIONS, Event, subject_of
 
 E = TypeVar("E", bound=Event)
 
@@ -38,7 +40,8 @@ class History(Protocol):
 
 
 class MemoryHistory:
-    """A History in a dict, with the log's rules: one event per order and kind, first wins."""
+    """A History in a dict, with the log's rules: one event per order and kind, one delivery
+    decision per order, first wins."""
 
     def __init__(self) -> None:
         self.events: dict[tuple[str, str], Event] = {}
@@ -56,6 +59,10 @@ class MemoryHistory:
         """Store ``event`` unless its kind is stored for the order; whether it was new."""
         key = (event.order_id, subject_of(type(event)))
         if key in self.events:
+            return False
+        if isinstance(event, DELIVERY_DECISIONS) and any(
+            (event.order_id, subject_of(kind)) in self.events for kind in DELIVERY_DECISIONS
+        ):
             return False
         self.events[key] = event
         self.appended.append(event)

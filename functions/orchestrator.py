@@ -29,6 +29,16 @@ the stream drops if they did get out. Any other late or repeated input finds
 a state it does not apply to and sends nothing. So killing the orchestrator
 anywhere loses no step and repeats none.
 
+A cancellation request (``functions.cancel``) reaches the saga as the
+``delivery.cancelled`` it stored: a step in flight is let answer, then what
+is done is undone in reverse (a charge refunded, a reservation released); a
+delivery step is undone at once, since the stream now refuses its
+``delivery.scheduled``. A saga that fails on its own closes the order's
+delivery decision the same way before it ends (step ``closing``: it sends
+``delivery.cancelled`` and waits to read it back), so the terminal event
+names whichever cancellation was stored first, as ``order`` does in
+choreography.
+
 Deadlines are :class:`StepTimedOut` alarms the orchestrator emits beside each
 command; the runner has the server deliver them later. Nothing here reads a
 clock.
@@ -44,6 +54,7 @@ import msgspec
 from functions.events import (
     AlarmCleared,
     ChargePayment,
+    DeliveryCancelled,
     DeliveryScheduled,
     Event,
     OrderCancelled,
@@ -62,9 +73,10 @@ from functions.events import (
     StockUnavailable,
     subject_of,
 )
+from functions.order import cancelled
 from functions.state import Store, Write, optimistically
 
-Step = Literal["payment", "stock", "delivery", "release", "refund", "done"]
+Step = Literal["payment", "stock", "delivery", "release", "refund", "closing", "done"]
 STEPS: tuple[Step, ...] = ("payment", "stock", "delivery", "release", "refund")
 
 
@@ -91,6 +103,8 @@ class Saga(msgspec.Struct, frozen=True):
     problem: str = ""
     outcome: Literal["open", "completed", "cancelled"] = "open"
     tracking_id: str = ""
+    #: the order's delivery decision, once it is a cancellation (on request, or ours)
+    cancel: DeliveryCancelled | None = None
     #: the input that produced this state (see the module docstring)
     last: str = ""
 
@@ -114,12 +128,17 @@ def commands(saga: Saga, policy: Policy) -> list[Event]:
     order_id, attempt = saga.order.order_id, saga.attempt
     match saga.step:
         case "done":
-            end: Event = (
-                OrderCompleted(order_id, tracking_id=saga.tracking_id)
-                if saga.outcome == "completed"
-                else OrderCancelled(order_id, reason=saga.problem)
-            )
+            end: Event
+            if saga.outcome == "completed":
+                end = OrderCompleted(order_id, tracking_id=saga.tracking_id)
+            elif saga.cancel is not None:
+                end = cancelled(saga.cancel)
+            else:
+                end = OrderCancelled(order_id, reason=saga.problem)
             return [end, AlarmCleared(order_id)]
+        case "closing":
+            # No alarm: this is a write to the log, read back by our own consumer.
+            return [DeliveryCancelled(order_id, reason=saga.problem or "cancelled")]
         case "payment":
             command: Event = ChargePayment(order_id, attempt, order=saga.order)
         case "stock":
@@ -151,15 +170,36 @@ def advance(saga: Saga, event: Event, policy: Policy) -> Saga:
     def to(step: Step, **changes: object) -> Saga:
         return replace(saga, step=step, attempt=1, **changes)
 
+    def ended(**changes: object) -> Saga:
+        # Cancelled: at once if the delivery decision is a cancellation already,
+        # else once ours is stored (or a request's, which got there first).
+        if saga.cancel is not None:
+            return to("done", outcome="cancelled", **changes)
+        return to("closing", **changes)
+
     match saga.step, event:
+        case "done", _:
+            return saga
+        case "closing", DeliveryCancelled():
+            return to("done", outcome="cancelled", cancel=event)
+        case _, DeliveryCancelled() if saga.cancel is None:
+            if saga.step == "delivery":
+                # Its delivery.scheduled will be refused: undo at once.
+                return to("release", cancel=event, problem=event.reason)
+            # A step in flight answers first; then what it did is undone.
+            return replace(saga, cancel=event, problem=saga.problem or event.reason)
+        case "payment", PaymentSucceeded() if saga.cancel is not None:
+            return to("refund", charge=event)
         case "payment", PaymentSucceeded():
             return to("stock", charge=event)
         case "payment", PaymentFailed(reason=reason):
-            return to("done", outcome="cancelled", problem=f"payment failed: {reason}")
+            return ended(problem=saga.problem or f"payment failed: {reason}")
+        case "stock", StockReserved() if saga.cancel is not None:
+            return to("release", reservation=event)
         case "stock", StockReserved():
             return to("delivery", reservation=event)
         case "stock", StockUnavailable():
-            return to("refund", problem=_shortage(event))
+            return to("refund", problem=saga.problem or _shortage(event))
         case "delivery", DeliveryScheduled(tracking_id=tracking):
             return to("done", outcome="completed", tracking_id=tracking)
         # Compensating: a late answer to the step that timed out tells us
@@ -167,13 +207,13 @@ def advance(saga: Saga, event: Event, policy: Policy) -> Saga:
         case "release", StockReleased() | StockUnavailable():
             return to("refund")
         case "refund", PaymentRefunded() | PaymentFailed():
-            return to("done", outcome="cancelled")
+            return ended()
         case "refund", PaymentSucceeded():
             # The charge was decided after the refund was asked for (an
             # unknown outcome, redriven): now there is something to refund.
             return replace(saga, attempt=saga.attempt + 1)
         case step, StepTimedOut() if (
-            step != "done" and event.step == step and event.attempt == saga.attempt
+            step in STEPS and event.step == step and event.attempt == saga.attempt
         ):
             rule = policy[step]
             if rule.on_timeout != "wait" and saga.attempt < rule.attempts:
@@ -206,6 +246,8 @@ def decide(saga: Saga | None, event: Event, policy: Policy) -> tuple[Saga | None
         # may have died with the process that committed it).
         return None, commands(saga, policy) if saga.last == key else []
     after = msgspec.structs.replace(after, last=key)
+    if (after.step, after.attempt) == (saga.step, saga.attempt):
+        return after, []  # only noted (a cancellation while a step is in flight)
     return after, commands(after, policy)
 
 

@@ -16,6 +16,13 @@ both ways (completion needs a charge and a reservation that stood, a
 cancellation that one of them failed or was given back). A redelivery, or
 late news about a finished order, announces the same event again, which the
 log refuses as already stored.
+
+Before announcing a cancellation it closes the order's delivery decision:
+it appends ``delivery.cancelled`` (the failure as its reason), which the
+stream takes unless a cancellation request got there first
+(``functions.cancel``), then reads back which one stands. So a request that
+arrives while a failed order is ending is answered by the same fact the
+terminal event names: the request's, or the failure's.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from functions.errors import Permanent
 from functions.events import (
+    DeliveryCancelled,
     DeliveryScheduled,
     Event,
     OrderCancelled,
@@ -55,15 +64,29 @@ def reason(outcomes: Sequence[Event]) -> str:
 
 
 def decide(order_id: str, outcomes: Sequence[Event]) -> list[Event]:
-    """Pure: the terminal event the order's settled outcomes call for, if any."""
+    """Pure: what the order's settled outcomes call for: its completion, or the close of
+    its delivery decision a cancellation starts with (:func:`cancelled`)."""
     for event in outcomes:
         if isinstance(event, DeliveryScheduled):
             return [OrderCompleted(order_id, tracking_id=event.tracking_id)]
     paid_back = any(isinstance(e, SETTLES_PAYMENT) for e in outcomes)
     put_back = any(isinstance(e, SETTLES_STOCK) for e in outcomes)
     if paid_back and put_back:
-        return [OrderCancelled(order_id, reason=reason(outcomes))]
+        return [DeliveryCancelled(order_id, reason=reason(outcomes) or "cancelled")]
     return []
+
+
+def cancelled(closed: DeliveryCancelled) -> OrderCancelled:
+    """Pure: the terminal event of an order whose delivery decision is ``closed``."""
+    if not closed.request_id:
+        return OrderCancelled(closed.order_id, reason=closed.reason)
+    by = f" by {closed.requested_by}" if closed.requested_by else ""
+    return OrderCancelled(
+        closed.order_id,
+        reason=f"cancelled on request {closed.request_id}{by}: {closed.reason}"[:500],
+        request_id=closed.request_id,
+        requested_by=closed.requested_by,
+    )
 
 
 async def handle(event: Event, history: History) -> Sequence[Event]:
@@ -73,4 +96,13 @@ async def handle(event: Event, history: History) -> Sequence[Event]:
         raise TypeError(f"order does not handle {type(event).__name__}")
     others = [kind for kind in SETTLES_PAYMENT + SETTLES_STOCK if not isinstance(event, kind)]
     found = await asyncio.gather(*(history.last(event.order_id, kind) for kind in others))
-    return decide(event.order_id, [event, *(e for e in found if e is not None)])
+    decided = decide(event.order_id, [event, *(e for e in found if e is not None)])
+    if not decided:
+        return []
+    # Closed before announcing: refused if a request closed it first.
+    await history.append(decided[0])
+    closed = await history.last(event.order_id, DeliveryCancelled)
+    if closed is None:
+        # Delivery was scheduled, yet both sides are given back: a bug upstream.
+        raise Permanent(f"order {event.order_id} settled both ways: cancelled after delivery")
+    return [cancelled(closed)]

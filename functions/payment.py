@@ -15,6 +15,17 @@ refunds (both may: the refund's key makes the second a no-op, and the log
 takes ``payments.refunded`` once). A shortage that finds no charge waits for
 nothing: it is not retried, because the charge's own handler will find it.
 
+A cancellation (``delivery.cancelled`` stored on request, ``functions.cancel``)
+is the refund's other trigger, joined the same way: the charge's handler reads
+for it after appending, and its own handler reads for the charge. An order
+cancelled before payment saw it is not charged at all: ``payments.failed``,
+"not charged", which gives the stock back as a decline would. (Only a second
+process charging the same order at the same moment, one stalled past its
+``ack_wait``, could still charge it; it then finds the cancellation and
+refunds.) In orchestration the orchestrator asks for refunds itself, so this
+function is bound there without watching for cancellations
+(``cancellable=False``).
+
 So a charge whose outcome is unknown (the gateway does not answer) is parked
 in exactly one dead letter, its ``orders.created``, and nothing else about the
 order waits on a retry; redriving that one dead letter settles all of it. And
@@ -25,12 +36,14 @@ replay exactly.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
 
 from functions.events import (
+    DeliveryCancelled,
     Event,
     OrderCreated,
     PaymentFailed,
@@ -85,21 +98,48 @@ def refunded(charge: PaymentSucceeded) -> PaymentRefunded:
     return PaymentRefunded(charge.order_id, charge.amount_cents, charge_id=charge.charge_id)
 
 
+def not_charged(order: OrderCreated, cancellation: DeliveryCancelled) -> PaymentFailed:
+    return PaymentFailed(
+        order.order_id,
+        order.total_cents,
+        reason=f"not charged: cancelled on request {cancellation.request_id}",
+    )
+
+
 # --- the handler ------------------------------------------------------------
 
 
-async def handle(event: Event, history: History, gateway: Gateway) -> Sequence[Event]:
+async def handle(
+    event: Event, history: History, gateway: Gateway, *, cancellable: bool = True
+) -> Sequence[Event]:
     if isinstance(event, OrderCreated):
-        return await _charge(event, history, gateway)
+        return await _charge(event, history, gateway, cancellable)
     if isinstance(event, StockUnavailable):
-        charge = await history.last(event.order_id, PaymentSucceeded)
-        if charge is None:
-            return []  # declined, or not decided yet: its handler finds this shortage
-        return [await _give_back(charge, gateway)]
+        return await _refund_if_charged(event.order_id, history, gateway)
+    if isinstance(event, DeliveryCancelled) and cancellable:
+        if not event.request_id:
+            return []  # closed by ``order`` once the failed order had given everything back
+        return await _refund_if_charged(event.order_id, history, gateway)
     raise TypeError(f"payment does not handle {type(event).__name__}")
 
 
-async def _charge(order: OrderCreated, history: History, gateway: Gateway) -> list[Event]:
+async def _refund_if_charged(order_id: str, history: History, gateway: Gateway) -> list[Event]:
+    charge = await history.last(order_id, PaymentSucceeded)
+    if charge is None:
+        return []  # declined, or not decided yet: its handler finds what asks for a refund
+    return [await _give_back(charge, gateway)]
+
+
+async def _charge(
+    order: OrderCreated, history: History, gateway: Gateway, cancellable: bool
+) -> list[Event]:
+    if cancellable:
+        charge, cancellation = await asyncio.gather(
+            history.last(order.order_id, PaymentSucceeded),
+            history.last(order.order_id, DeliveryCancelled),
+        )
+        if cancellation is not None and charge is None:
+            return [not_charged(order, cancellation)]
     result = await gateway.charge(
         idempotency_key=charge_key(order.order_id),
         token=order.payment_token,
@@ -110,7 +150,11 @@ async def _charge(order: OrderCreated, history: History, gateway: Gateway) -> li
         return [decision]  # no money taken: nothing to give back, whatever stock says
     # Stored before reading for the other half of the refund's join.
     await history.append(decision)
-    if await history.last(order.order_id, StockUnavailable) is None:
+    wanted: list[type[Event]] = [StockUnavailable]
+    if cancellable:
+        wanted.append(DeliveryCancelled)
+    found = await asyncio.gather(*(history.last(order.order_id, kind) for kind in wanted))
+    if all(event is None for event in found):
         return [decision]
     return [decision, await _give_back(decision, gateway)]
 

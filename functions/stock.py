@@ -1,4 +1,7 @@
-"""stock: reserve every item of an order or none; give it back when payment fails.
+"""stock: reserve every item of an order or none; give it back when the payment holds no money.
+
+"Holds no money": the payment failed (or was never charged, the order
+cancelled first), or it was refunded (the order cancelled after the charge).
 
 State (the ``stock`` bucket):
 
@@ -60,6 +63,7 @@ from functions.events import (
     Event,
     OrderCreated,
     PaymentFailed,
+    PaymentRefunded,
     Shortage,
     StockLine,
     StockReleased,
@@ -198,6 +202,9 @@ def events_for(order_id: str, reservation: Reservation, trigger: type[Event]) ->
 
 # --- the handler ------------------------------------------------------------
 
+#: What asks for an order's stock back: its payment holds no money.
+GivesBack = PaymentFailed | PaymentRefunded
+
 #: What a batch gives each order: its events, or why it has none yet.
 Outcome = Sequence[Event] | Exception
 
@@ -214,10 +221,10 @@ async def handle_batch(events: Sequence[Event], store: Store) -> list[Outcome]:
     """Each event's outcome: the orders reserved first, then the failed payments released
     (so a failure that came with its order in the same batch finds it decided)."""
     for event in events:
-        if not isinstance(event, OrderCreated | PaymentFailed):
+        if not isinstance(event, OrderCreated | GivesBack):
             raise TypeError(f"stock does not handle {type(event).__name__}")
     orders = [e for e in events if isinstance(e, OrderCreated)]
-    failures = [e for e in events if isinstance(e, PaymentFailed)]
+    failures = [e for e in events if isinstance(e, GivesBack)]
     reserved = iter(await reserve(orders, store) if orders else [])
     released = iter(await release(failures, store) if failures else [])
     return [next(reserved if isinstance(e, OrderCreated) else released) for e in events]
@@ -374,7 +381,7 @@ async def _settle_all(
     return {o: sku for sku, ok in zip(skus, done, strict=True) if not ok for o in orders_of[sku]}
 
 
-async def release(failures: Sequence[PaymentFailed], store: Store) -> list[Outcome]:
+async def release(failures: Sequence[GivesBack], store: Store) -> list[Outcome]:
     """Give back what a batch of failed payments' orders hold: each SKU written once per
     round, as :func:`reserve` takes it."""
     decided: dict[str, Versioned[Reservation]] = {}  # unavailable, or released

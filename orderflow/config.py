@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from functions.events import EVENT_TYPES
+from functions.events import EVENT_TYPES, REQUEST_TYPES
 from orderflow import subjects
 from orderflow.limits import Limits, config_problems
 
@@ -88,14 +88,30 @@ class RetrySpec(_Config, frozen=True):
 
 
 class OwesSpec(_Config, frozen=True):
-    """Once every kind in ``after`` is in an order's history, one of ``then`` must follow."""
+    """Once every kind in ``after`` is in an order's history, one of ``then`` must follow.
+
+    An item of ``after`` may name alternatives, ``a|b``: either is enough.
+    """
 
     after: Annotated[list[str], Meta(min_length=1)]
     then: Annotated[list[str], Meta(min_length=1)]
+    # ...unless one of these is in the history (then nothing is owed).
+    unless: list[str] = []
+
+    def due(self, logged: set[str]) -> bool:
+        """Whether ``after`` is all in ``logged`` (the kinds in an order's history)."""
+        return all(not logged.isdisjoint(item.split("|")) for item in self.after)
+
+    def owing(self, logged: set[str]) -> bool:
+        """Due, and neither a ``then`` nor an ``unless`` has followed."""
+        return self.due(logged) and logged.isdisjoint([*self.then, *self.unless])
 
 
 class FunctionSpec(_Config, frozen=True):
-    consumers: Annotated[list[ConsumerSpec], Meta(min_length=1)]
+    # The durable consumers that feed it, and the request subjects it answers
+    # (functions/events.py REQUEST_TYPES); at least one of the two.
+    consumers: list[ConsumerSpec] = []
+    serves: list[str] = []
     # Every event kind the function may publish; anything else is a bug, dead-lettered.
     emits: list[str] = []
     # The kinds it may read from an order's history (functions/history.py).
@@ -262,6 +278,21 @@ def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at:
     streams = {s.name: s for s in topology.streams}
     buckets = {b.name for b in topology.buckets}
     for name, fn in functions.items():
+        if not fn.consumers and not fn.serves:
+            raise ConfigError(f"{at}.{name}: neither consumers nor serves: nothing would feed it")
+        for i, request in enumerate(fn.serves):
+            where = f"{at}.{name}.serves[{i}]"
+            if request not in REQUEST_TYPES:
+                raise ConfigError(
+                    f"{where}: {request!r} is not a request subject (functions/events.py: "
+                    f"{', '.join(sorted(REQUEST_TYPES))})"
+                )
+            # A stream would answer the request first, with its publish ack.
+            if stored := [s.name for s in streams.values() if any(
+                subject_matches(p, request) for p in s.subjects
+            )]:  # fmt: skip
+                raise ConfigError(f"{where}: {request!r} is stored by stream {stored[0]}; "
+                                  "a request subject must not be")  # fmt: skip
         for i, consumer in enumerate(fn.consumers):
             where = f"{at}.{name}.consumers[{i}]"
             stream = streams.get(consumer.stream)
@@ -292,12 +323,14 @@ def _check_functions(topology: Topology, functions: dict[str, FunctionSpec], at:
         known = {k for c in fn.consumers for k in c.events} | set(fn.reads) | set(fn.emits)
         for i, rule in enumerate(fn.owes):
             where = f"{at}.{name}.owes[{i}]"
-            for kind in rule.after:
+            for kind in (k for item in rule.after for k in item.split("|")):
                 _check_kind(kind, f"{where}.after")
                 if kind not in known:
                     raise ConfigError(
                         f"{where}.after: {name} neither consumes, reads nor emits {kind!r}"
                     )
+            for kind in rule.unless:
+                _check_kind(kind, f"{where}.unless")
             for kind in rule.then:
                 _check_kind(kind, f"{where}.then")
                 if kind not in fn.emits:

@@ -7,7 +7,8 @@ last ``stock.reserved`` of order o-1" without reading anything else, however
 long the history. Each order emits each kind at most once: a publish says
 ``Nats-Expected-Last-Subject-Sequence: 0`` on its own subject, so the stream
 itself refuses a second one, for as long as it keeps the first (not just for a
-duplicate window).
+duplicate window). The delivery decision is checked the same way against both
+of its subjects (:func:`decision`): an order is delivered or cancelled, once.
 
 The one exception is ingress: a plain ``nats pub orders.created '{...}'``
 (no headers, the order id only in the payload) still starts an order, and so
@@ -75,6 +76,13 @@ def filters(kind: str) -> list[str]:
     return [INGRESS, wildcard] if kind == INGRESS else [wildcard]
 
 
+def decision(order_id: str) -> str:
+    """Every subject of the order's delivery decision (``functions.events.DELIVERY_DECISIONS``):
+    ``delivery.scheduled`` or ``delivery.cancelled``, whichever was stored first.
+    One filter, the same string for every writer, so a cluster serializes them."""
+    return f"{ORDER}.{order_id}.delivery.*"
+
+
 def of_order(order_id: str, prefix: str = ORDER) -> str:
     """Everything stored about ``order_id`` under ``prefix``: one filter, no scan."""
     return f"{prefix}.{order_id}.>"
@@ -113,6 +121,11 @@ def retry_note(prefix: str, order_id: str, function: str) -> str:
 def intervention_on_function(prefix: str, function: str) -> str:
     """``interventions.function.<name>``: what operators did to a function (pause, resume)."""
     return f"{prefix}.function.{function}"
+
+
+def intervention_on_order(prefix: str, order_id: str) -> str:
+    """``interventions.order.<ID>``: what was asked of an order (cancel), and the answer."""
+    return f"{prefix}.order.{order_id}"
 
 
 # --- the server's names ---------------------------------------------------------

@@ -28,13 +28,14 @@ def load_error(path: Path) -> str:
 
 def test_streams_yaml_loads() -> None:
     topology = load(STREAMS_YAML)
-    assert set(topology.functions) == {"payment", "stock", "delivery", "order"}
+    assert set(topology.functions) == {"payment", "stock", "delivery", "order", "cancel"}
     assert topology.stream("ORDERS").subjects
     for fn in topology.functions.values():
         assert all(c.stream == "ORDERS" for c in fn.consumers)
     assert topology.functions["stock"].consumers[0].events == [
         "orders.created",
         "payments.failed",
+        "payments.refunded",
     ]
 
 
@@ -84,7 +85,13 @@ def test_seconds_rejects_nonsense() -> None:
 def test_both_wirings_load_from_one_file() -> None:
     orchestration = load(STREAMS_YAML, "orchestration")
     assert orchestration.mode == "orchestration"
-    assert set(orchestration.functions) == {"orchestrator", "payment", "stock", "delivery"}
+    assert set(orchestration.functions) == {
+        "orchestrator",
+        "payment",
+        "stock",
+        "delivery",
+        "cancel",
+    }
     # The other wiring travels along, for provision to retire its consumers.
     assert set(orchestration.inactive) == set(load(STREAMS_YAML).functions)
     assert load(STREAMS_YAML).inactive == orchestration.functions

@@ -17,6 +17,7 @@ from typing import Protocol
 from orderflow import config
 from orderflow.cli import (
     auth,
+    cancel,
     compare,
     console,
     demo,
@@ -34,6 +35,7 @@ from orderflow.cli import (
     up,
 )
 from orderflow.config import MODES, ConfigError, Topology
+from orderflow.ops.interventions import NoAnswer
 from orderflow.ops.provision import LayoutRefused, ModeSwitchRefused
 from orderflow.runtime import logs
 from orderflow.runtime.connect import ConnectError
@@ -56,6 +58,7 @@ COMMANDS: dict[str, Command] = {
     "auth": auth,
     "run": run,
     "dlq": dlq,
+    "cancel": cancel,
     "trace": trace,
     "stuck": stuck,
     "map": flowchart,
@@ -116,3 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectError as exc:
         print(f"cannot connect: {exc}", file=sys.stderr)
         return 1
+    except NoAnswer as exc:
+        print(f"no answer: {exc} (is the cancel function running?)", file=sys.stderr)
+        return 3

@@ -30,14 +30,16 @@ turns exactly that into nats-server permissions, one user per function:
   with the shared ``_INBOX.>`` any user could read the replies of every other,
   the admin's stream reads included;
 * its micro service (``$SRV.PING|INFO|STATS`` and its own ``$SRV.*.orderflow-<name>``
-  subjects, its endpoint), and answering requests (``allow_responses``).
+  subjects, its endpoint), and answering requests (``allow_responses``),
+  including the request subjects it ``serves`` (which no function may ask).
 
 The ``client`` user may publish the flow's external inputs, the subjects some
 function consumes and none emits (``orders.created``, and
 ``order.*.orders.created``), and read an order's status by subscribing to its
 outcomes, the kinds some function emits and none consumes
 (``order.*.orders.completed``, ``order.*.orders.cancelled``,
-``order.*.orders.rejected``);
+``order.*.orders.rejected``), and ask what some function answers
+(``orders.cancel``: a customer's cancellation, which the operator may ask too);
 publish-with-ack needs ``NATS_INBOX_PREFIX=_INBOX_client``. The ``admin`` user
 may do anything: provisioning and the operator commands (``status``, ``dlq``,
 ``trace``...).
@@ -134,8 +136,15 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
         subjects.service_api("*", name),  # orderflow/runtime/metrics.py
         f"{subjects.service_api('*', name)}.*",
         subjects.service_endpoint(name),
+        *fn.serves,  # the requests it answers (orderflow/runtime/requests.py)
     ]
     return Permissions(_unique(publish), _unique(subscribe), responses=True)
+
+
+def _requests(topology: Topology) -> list[str]:
+    """The request subjects some function answers (``orders.cancel``): clients and
+    operators may ask; no function may."""
+    return [s for fn in topology.functions.values() for s in fn.serves]
 
 
 def _consumed(topology: Topology) -> list[str]:
@@ -170,7 +179,7 @@ def outcomes(topology: Topology) -> tuple[str, ...]:
 
 def client_permissions(topology: Topology) -> Permissions:
     return Permissions(
-        publish=external_inputs(topology),
+        publish=_unique([*external_inputs(topology), *_requests(topology)]),
         subscribe=(*outcomes(topology), f"{inbox_prefix(CLIENT)}.>"),
     )
 
@@ -202,6 +211,7 @@ def operator_permissions(topology: Topology) -> Permissions:
     # (the inputs some function consumes), then the dead letter deleted.
     publish += [s for kind in _consumed(topology) for s in subjects.filters(kind)]
     publish.append(f"$JS.API.STREAM.MSG.DELETE.{topology.dead_letters.stream}")
+    publish += _requests(topology)  # cancel an order
     publish += [subjects.service_api(verb, name)
                 for name, _ in wirings for verb in ("PING", "STATS")]  # fmt: skip
     return Permissions(_unique(publish), (f"{inbox_prefix(OPERATOR)}.>",))

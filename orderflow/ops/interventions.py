@@ -1,4 +1,5 @@
-"""An operator's interventions in a running flow, each one recorded: pause and resume a function.
+"""An operator's interventions in a running flow, each one recorded: pause and resume a function,
+cancel an order.
 
 Pausing uses the server's own consumer pause (nats-server 2.11+): the
 function's durable consumers stop delivering until a time (or until
@@ -13,10 +14,17 @@ when, why), so ``status``, ``trace`` and ``stuck`` can say a function is
 paused and since when, and nothing rewrites history. Who: the connecting
 user (``NATS_USER``, or the credentials file's name), else the operating
 system's user.
+
+Cancelling asks the ``cancel`` function (``orders.cancel``, functions/cancel.py)
+and records the request and its answer on ``interventions.order.<ID>``,
+where ``trace`` shows it on the order's timeline. A request that gets no
+answer (no process listening, or the one handling it died) is asked again,
+as the same request, a few times: whatever was decided meanwhile is the answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 from dataclasses import dataclass
@@ -25,23 +33,39 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 
+from functions.events import CANCEL_SUBJECT, CancelAnswer, CancelRequest
 from orderflow import subjects
 from orderflow.config import ConfigError, Topology
 from orderflow.runtime import direct
+from orderflow.runtime.requests import Problem
 
 #: "Until resumed": the server wants a time, so one far enough away.
 INDEFINITELY = timedelta(days=365 * 100)
 
 
 class Intervention(msgspec.Struct, frozen=True, omit_defaults=True):
-    action: Literal["pause", "resume"]
-    function: str
+    action: Literal["pause", "resume", "cancel"]
+    function: str  # "" for an order's
     by: str
     at: str  # RFC 3339, UTC
     reason: str = ""
     until: str = ""  # a pause's end, if it has one
+    order_id: str = ""  # a cancellation's order, and its request and answer:
+    request_id: str = ""
+    answer: str = ""
+    rule: str = ""
+
+
+#: Times a cancellation is asked before giving up, and how long each waits.
+CANCEL_ATTEMPTS = 3
+CANCEL_TIMEOUT = 5.0
+
+
+class NoAnswer(Exception):
+    """No ``cancel`` process answered (none runs, or each attempt timed out)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +106,48 @@ async def _record(nc: Client, topology: Topology, record: Intervention) -> None:
     log = topology.interventions
     if log is None:
         raise ConfigError("interventions: not set in streams.yaml, so nothing could record this")
-    subject = subjects.intervention_on_function(log.subject_prefix, record.function)
+    if record.order_id:
+        subject = subjects.intervention_on_order(log.subject_prefix, record.order_id)
+    else:
+        subject = subjects.intervention_on_function(log.subject_prefix, record.function)
     await nc.jetstream().publish(subject, msgspec.json.encode(record), stream=log.stream)
+
+
+async def cancel(
+    nc: Client,
+    topology: Topology,
+    request: CancelRequest,
+    now: datetime,
+    attempts: int = CANCEL_ATTEMPTS,
+    timeout: float = CANCEL_TIMEOUT,
+) -> CancelAnswer:
+    """Ask for ``request``'s order to be cancelled; the answer, recorded."""
+    body = msgspec.json.encode(request)
+    problem = "no process answered"
+    for _ in range(attempts):
+        try:
+            reply = await nc.request(CANCEL_SUBJECT, body, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            problem = f"no answer ({type(exc).__name__})"
+            await asyncio.sleep(0.2)
+            continue
+        raw = msgspec.json.decode(reply.data)
+        if "error" in raw:
+            error = msgspec.convert(raw, Problem).error
+            if error.startswith("invalid request"):
+                raise ConfigError(error)
+            problem = error  # the handler failed: asked again
+            continue
+        answered = msgspec.convert(raw, CancelAnswer)
+        if topology.interventions is not None:
+            record = Intervention(
+                "cancel", "", request.requested_by, _rfc3339(now), request.reason,
+                order_id=request.order_id, request_id=answered.request_id,
+                answer=answered.answer, rule=answered.rule,
+            )  # fmt: skip
+            await _record(nc, topology, record)
+        return answered
+    raise NoAnswer(f"cancel {request.order_id}: {problem} after {attempts} attempts")
 
 
 async def pause(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from functions import delivery, orchestrator, order, payment, stock
+from functions import cancel, delivery, orchestrator, order, payment, stock
 from functions.events import (
     ChargePayment,
     Event,
@@ -34,6 +34,7 @@ from orderflow.config import ConfigError, Topology, seconds
 from orderflow.runtime.batch import Batcher
 from orderflow.runtime.gateway import SimulatedGateway
 from orderflow.runtime.pipeline import Handler
+from orderflow.runtime.requests import RequestHandler
 
 Buckets = Callable[[str], Store]
 
@@ -41,6 +42,12 @@ Buckets = Callable[[str], Store]
 def _payment(buckets: Buckets) -> Handler:
     gateway = SimulatedGateway(buckets("gateway"))
     return lambda event, history: payment.handle(event, history, gateway)
+
+
+def _payment_commanded(buckets: Buckets) -> Handler:
+    # The orchestrator asks for refunds itself: payment does not watch for cancellations.
+    gateway = SimulatedGateway(buckets("gateway"))
+    return lambda event, history: payment.handle(event, history, gateway, cancellable=False)
 
 
 #: Orders stock decides in one batch at most (orderflow/runtime/batch.py).
@@ -126,10 +133,23 @@ def bindings(topology: Topology) -> dict[str, Callable[[Buckets], Handler]]:
         return BINDINGS
     return {
         "orchestrator": _orchestrator(topology),
-        "payment": _commanded(_payment),
+        "payment": _commanded(_payment_commanded),
         "stock": _commanded(_stock),
         "delivery": _commanded(BINDINGS["delivery"]),
     }
+
+
+#: The functions that answer requests (``serves`` in streams.yaml), in both modes.
+RESPONDERS: dict[str, RequestHandler] = {"cancel": cancel.handle}
+
+
+def build_responder(topology: Topology, function: str) -> RequestHandler:
+    if function not in RESPONDERS:
+        raise ConfigError(
+            f"functions.{function}.serves: no request handler is bound to this name "
+            f"(known: {', '.join(RESPONDERS)})"
+        )
+    return RESPONDERS[function]
 
 
 def build_handler(topology: Topology, function: str, store_for: Buckets) -> Handler:

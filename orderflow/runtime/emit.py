@@ -9,6 +9,11 @@ same event harmless, by kind:
   refuses every later one, however late (a redrive days after, a redelivery
   after a server restart); the refusal means "stored already", so it counts
   as success;
+* the delivery decision (``delivery.scheduled`` or ``delivery.cancelled``) is
+  checked the same way against both subjects
+  (``Nats-Expected-Last-Subject-Sequence-Subject``): the first stored decides,
+  and the refusal of the other means "decided already", also a success (a
+  cancelled order's late ``delivery.scheduled`` is dropped here, by the stream);
 * the orchestrator's *commands* and *alarms* may be sent again on purpose (a
   new attempt after a deadline): each attempt has its own ``Nats-Msg-Id``,
   and the duplicate window drops a repeat of the same attempt;
@@ -21,7 +26,8 @@ between leaders.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -29,15 +35,39 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from functions.errors import Permanent
-from functions.events import AlarmCleared, Command, Event, StepTimedOut, event_id
+from functions.events import (
+    DELIVERY_DECISIONS,
+    AlarmCleared,
+    Command,
+    Event,
+    StepTimedOut,
+    event_id,
+)
 from functions.events import subject_of as kind_of
 from orderflow import subjects
 from orderflow.runtime import election
 from orderflow.runtime.context import headers_for, input_event_id
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+#: The subject (a filter, nats-server 2.11+) the expectation above is checked on.
+EXPECTED_ON_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 
 _encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class Cause:
+    """What an emitted event was caused by: the input's headers and its id."""
+
+    headers: Mapping[str, str]
+    id: str
+
+    @classmethod
+    def of(cls, msg: Msg) -> Cause:
+        """A consumed message's: its own id, or its place in the log."""
+        headers = msg.headers or {}
+        meta = msg.metadata
+        return cls(headers, input_event_id(headers, meta.stream, meta.sequence.stream))
 
 
 class Refused(Exception):
@@ -70,6 +100,11 @@ def placement(event: Event) -> tuple[str, dict[str, str]]:
     subject = subjects.subject(kind, event.order_id)
     if isinstance(event, Command):
         return subject, {"Nats-Msg-Id": event_id(event)}
+    if isinstance(event, DELIVERY_DECISIONS):
+        return subject, {
+            EXPECTED_LAST_SUBJECT_SEQUENCE: "0",
+            EXPECTED_ON_SUBJECT: subjects.decision(event.order_id),
+        }
     return subject, {EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
 
 
@@ -96,19 +131,17 @@ class Emitter:
     def check(self, events: Sequence[Event]) -> None:
         check_emits(self.function, self.emits, events)
 
-    async def emit(self, event: Event, cause: Msg, message_id: str | None = None) -> None:
+    async def emit(self, event: Event, cause: Cause, message_id: str | None = None) -> None:
         """Store ``event``, caused by ``cause``; ``message_id`` replaces the guard (rejections)."""
         subject, guard = placement(event)
         if message_id is not None:
             guard = {"Nats-Msg-Id": message_id}
-        meta = cause.metadata
-        cause_headers = cause.headers or {}
         headers = headers_for(
             event_id=event_id(event),
             order_id=event.order_id,
             function=self.function,
-            cause=cause_headers,
-            cause_id=input_event_id(cause_headers, meta.stream, meta.sequence.stream),
+            cause=cause.headers,
+            cause_id=cause.id,
         )
         headers |= guard
         ack = await election.store(self.nc, subject, _encode(event), headers)
@@ -118,5 +151,5 @@ class Emitter:
             ack.error.err_code == election.WRONG_LAST_SEQUENCE
             and EXPECTED_LAST_SUBJECT_SEQUENCE in guard
         ):
-            return  # the order has this event already: this emission was a repeat
+            return  # the order has this event (or its decision) already: a repeat
         raise Refused(f"{subject}: {ack.error.err_code} {ack.error.description}")

@@ -23,6 +23,7 @@ POINTS = (
     "after-handle",  # the handler committed its state; nothing is published
     "after-publish",  # every output is published and acked; the input is not acked
     "after-write",  # a KV write is acked (e.g. one SKU of a reservation); the handler goes on
+    "after-decide",  # a request's answer is decided (and stored); it is not sent
 )
 
 _SPEC = os.environ.get("ORDERFLOW_CRASH", "")

@@ -26,14 +26,13 @@ from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from functions.errors import Permanent
 from functions.events import EVENT_TYPES, Event, event_id, subject_of
 from orderflow import subjects
 from orderflow.runtime import direct, election
 from orderflow.runtime.batch import Batcher
-from orderflow.runtime.emit import Emitter
+from orderflow.runtime.emit import Cause, Emitter
 
 E = TypeVar("E", bound=Event)
 
@@ -111,7 +110,9 @@ class OrderLog:
 class MessageHistory:
     """The history one handled message sees: reads from the log, appends as its effects."""
 
-    def __init__(self, log: OrderLog, emitter: Emitter, cause: Msg, reads: frozenset[str]) -> None:
+    def __init__(
+        self, log: OrderLog, emitter: Emitter, cause: Cause, reads: frozenset[str]
+    ) -> None:
         self.log = log
         self.emitter = emitter
         self.cause = cause

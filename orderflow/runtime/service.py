@@ -13,16 +13,18 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 
 import nats.js.errors
 from nats.aio.client import Client
 
 from orderflow.config import Topology
-from orderflow.runtime.bindings import build_handler
+from orderflow.runtime.bindings import build_handler, build_responder
 from orderflow.runtime.connect import connect
 from orderflow.runtime.consumers import Report, ensure_consumers
 from orderflow.runtime.kv import KvStore
-from orderflow.runtime.metrics import register
+from orderflow.runtime.metrics import Counters, register
+from orderflow.runtime.requests import Responder
 from orderflow.runtime.worker import Worker
 
 log = logging.getLogger("orderflow.runtime.service")
@@ -47,12 +49,22 @@ async def serve(
             return  # told to stop before the servers answered
         for line in report.lines:
             log.info("%s: %s", function, line)
-        handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
+        spec = topology.functions[function]
         leader_reads = await _replicated(nc, topology, function)
-        worker = Worker(nc, topology, function, handler, leader_reads=leader_reads)
-        service = await register(nc, function, worker.counters)
+        counters = Counters()
+        loops: list[Awaitable[None]] = []
+        if spec.consumers:
+            handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
+            worker = Worker(nc, topology, function, handler, leader_reads, counters)
+            loops.append(worker.run(stop))
+        if spec.serves:
+            responder = build_responder(topology, function)
+            loops.append(
+                Responder(nc, topology, function, responder, counters, leader_reads).run(stop)
+            )
+        service = await register(nc, function, counters)
         log.info("%s: consuming (pid %d, service %s)", function, os.getpid(), service.id)
-        await worker.run(stop)
+        await asyncio.gather(*loops)
         await service.stop()
         log.info("%s: stopping: in-flight messages settled", function)
     finally:
@@ -72,7 +84,8 @@ async def _replicated(nc: Client, topology: Topology, function: str) -> bool:
         if spec.stream == events:
             info = await nc.jetstream().consumer_info(spec.stream, spec.durable)
             return bool(info.cluster and info.cluster.replicas)
-    return True  # not fed from it: reads are rare, the leader is always right
+    # Not fed from it (or served requests only): reads are rare, the leader is always right.
+    return True
 
 
 async def _reconcile(

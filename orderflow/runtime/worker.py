@@ -43,7 +43,7 @@ from orderflow.config import ConsumerSpec, FunctionSpec, Topology, seconds
 from orderflow.runtime import pipeline
 from orderflow.runtime.context import CAUSATION_ID, CORRELATION_ID, FUNCTION, input_event_id
 from orderflow.runtime.deadletter import DeadLetters
-from orderflow.runtime.emit import Emitter
+from orderflow.runtime.emit import Cause, Emitter
 from orderflow.runtime.failpoints import crash_point
 from orderflow.runtime.history import MessageHistory, OrderLog
 from orderflow.runtime.logs import fields
@@ -81,6 +81,7 @@ class Worker:
         function: str,
         handler: Handler,
         leader_reads: bool = False,
+        counters: Counters | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -95,7 +96,7 @@ class Worker:
         self.max_payload = topology.dead_letters.max_payload
         self.limits = topology.limits
         self.retry_log = topology.retry_log
-        self.counters = Counters()
+        self.counters = counters or Counters()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume every binding until ``stop`` is set, then finish what is in hand."""
@@ -148,12 +149,11 @@ class Worker:
             await self._give_up(msg, admitted)
             return
         event = admitted
-        meta = msg.metadata
-        input_id = input_event_id(msg.headers or {}, meta.stream, meta.sequence.stream)
-        context = fields(self.name, msg.subject, event.order_id, input_id)
+        cause = Cause.of(msg)
+        context = fields(self.name, msg.subject, event.order_id, cause.id)
         started = time.perf_counter_ns()
         kind = subject_of(type(event))
-        history = MessageHistory(self.log, self.emitter, msg, self.reads)
+        history = MessageHistory(self.log, self.emitter, cause, self.reads)
         outcome = await pipeline.handle(
             self.name, self.spec, self.handler, event, history, attempt, consumer.max_deliver
         )
@@ -196,7 +196,7 @@ class Worker:
             # One rejection per rejected message, however often it is delivered.
             meta = msg.metadata
             rejection_id = f"orders.rejected:{meta.stream}:{meta.sequence.stream}"
-            await self.emitter.emit(letter.rejection, msg, message_id=rejection_id)
+            await self.emitter.emit(letter.rejection, Cause.of(msg), message_id=rejection_id)
         await self.dead_letters.add(msg, letter.reason)
         self.counters.dead_lettered += 1
 

@@ -177,8 +177,11 @@ async def run_offline(
     if topology.inventory is not None:
         stock = load_inventory(base / topology.inventory.file)
         await seed_levels(stores[topology.inventory.bucket], stock)
+    # Consumers only: requests (a cancellation) are not in a recording's inputs.
     handlers = {
-        name: build_handler(topology, name, stores.__getitem__) for name in topology.functions
+        name: build_handler(topology, name, stores.__getitem__)
+        for name, fn in topology.functions.items()
+        if fn.consumers
     }
 
     def readers(kind: str) -> list[str]:

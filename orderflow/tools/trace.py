@@ -22,7 +22,7 @@ import asyncio
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.client import Client
@@ -85,6 +85,9 @@ class Trace:
     retries: list[Aside]
     dead_letters: list[Aside]
     owed: list[Owed]
+    #: What operators did meanwhile: to the order (cancel requests and their answers),
+    #: and to functions while the order was open (pause, resume).
+    interventions: list[Aside] = field(default_factory=list)
 
     @property
     def outcome(self) -> str | None:
@@ -116,12 +119,16 @@ def waiting_on(logged: Sequence[str], topology: Topology) -> Owing:
 
 def _owed(logged: set[str], topology: Topology) -> Owing:
     """The choreography read backwards from streams.yaml's ``owes``: every rule whose
-    ``after`` is all in the log and none of whose ``then`` is."""
+    ``after`` is all in the log and none of whose ``then`` or ``unless`` is."""
     return [
-        (name, " or ".join(rule.then), set(rule.after))
+        (
+            name,
+            " or ".join(rule.then),
+            {k for item in rule.after for k in item.split("|") if k in logged},
+        )
         for name, fn in topology.functions.items()
         for rule in fn.owes
-        if logged.issuperset(rule.after) and logged.isdisjoint(rule.then)
+        if rule.owing(logged)
     ]
 
 
@@ -272,6 +279,43 @@ async def _asides(nc: Client, topology: Topology, order_id: str) -> tuple[list[A
     return retries, dead
 
 
+async def _interventions(nc: Client, topology: Topology, order_id: str) -> list[Aside]:
+    """What was asked of the order, and every pause and resume of a function (a short
+    list: operators' doings); the caller keeps those in the order's time."""
+    log = topology.interventions
+    if log is None:
+        return []
+    found = []
+    for pattern in (
+        subjects.intervention_on_order(log.subject_prefix, order_id),
+        subjects.intervention_on_function(log.subject_prefix, "*"),
+    ):
+        for stored in await read_subject(nc, log.stream, pattern):
+            try:
+                record = msgspec.json.decode(stored.data, type=interventions.Intervention)
+            except msgspec.DecodeError:
+                continue
+            detail = _intervention_detail(record)
+            fields = msgspec.to_builtins(record)
+            found.append(
+                Aside(stored.time, "intervention", record.function, pattern, detail, fields)
+            )
+    return found
+
+
+def _intervention_detail(record: interventions.Intervention) -> str:
+    why = f" ({record.reason})" if record.reason else ""
+    if record.action == "cancel":
+        return f"cancel requested by {record.by}{why}: {record.answer}, {record.rule}"
+    return f"{record.function} {record.action}d by {record.by}{why}"
+
+
+def _during(asides: list[Aside], steps: list[Step], open_until: datetime | None) -> list[Aside]:
+    """The order's own interventions, and the functions' ones while it was open."""
+    start, end = steps[0].time, open_until or steps[-1].time
+    return [a for a in asides if not a.function or start <= a.time <= end]
+
+
 async def load(
     nc: Client,
     topology: Topology,
@@ -283,7 +327,7 @@ async def load(
     ``instances``: how many processes of each function answer, if the caller
     knows (the console's snapshot); else they are asked, all functions at once.
     """
-    found: dict[str, tuple[list[Step], list[Aside], list[Aside]]] = {}
+    found: dict[str, tuple[list[Step], list[Aside], list[Aside], list[Aside]]] = {}
     ids = list(dict.fromkeys(order_ids))
     for start in range(0, len(ids), READ_TOGETHER):
         chunk = ids[start : start + READ_TOGETHER]
@@ -291,7 +335,7 @@ async def load(
         found.update((o, r) for o, r in zip(chunk, read, strict=True) if r is not None)
     owing = {
         order_id: waiting_on([s.kind for s in steps], topology)
-        for order_id, (steps, _, _) in found.items()
+        for order_id, (steps, _, _, _) in found.items()
     }
     owing_functions = sorted(
         {f for owed in owing.values() for f, _, _ in owed if f in topology.functions}
@@ -315,25 +359,29 @@ async def load(
         n: interventions.describe(p) for n, p in zip(owing_functions, pauses, strict=True) if p
     }
     traces = {}
-    for order_id, (steps, retries, dead) in found.items():
+    for order_id, (steps, retries, dead, asked) in found.items():
         owed = []
         for function, what, due_to in owing[order_id]:
             since = max((s.time for s in steps if s.kind in due_to), default=steps[0].time)
             held = [d for d in dead if d.function == function and d.subject in due_to]
             owed.append(Owed(function, what, since, consumers.get(function, {}), held,
                              paused.get(function, "")))  # fmt: skip
-        traces[order_id] = Trace(order_id, steps, retries, dead, owed)
+        trace = Trace(order_id, steps, retries, dead, owed)
+        trace.interventions = _during(asked, steps, None if trace.outcome else datetime.now(UTC))
+        traces[order_id] = trace
     return traces
 
 
 async def _read_order(
     nc: Client, topology: Topology, order_id: str
-) -> tuple[list[Step], list[Aside], list[Aside]] | None:
+) -> tuple[list[Step], list[Aside], list[Aside], list[Aside]] | None:
     messages = await order_messages(nc, topology, order_id)
     if not messages:
         return None
-    retries, dead = await _asides(nc, topology, order_id)
-    return steps_of(messages, topology.events_stream), retries, dead
+    (retries, dead), asked = await asyncio.gather(
+        _asides(nc, topology, order_id), _interventions(nc, topology, order_id)
+    )
+    return steps_of(messages, topology.events_stream), retries, dead, asked
 
 
 async def in_flight(nc: Client, topology: Topology) -> set[str]:
@@ -392,14 +440,21 @@ def render(trace: Trace, now: datetime) -> str:
     ev = max(20, *(len(s.kind) for s in trace.steps))
     by = max(9, *(len(s.by) for s in trace.steps))
     lines.append(f"  {'at':>10}  {'event':<{ev}} {'by':<{by}} {'caused by':<{ev}} {'hop':>9}")
+    # One timeline: the events, and beside them in time what else happened.
+    rows: list[tuple[datetime, str]] = []
     for s in trace.steps:
         hop = f"{s.hop_ms:.1f} ms" if s.hop_ms is not None else ""
-        at = f"+{(s.time - t0).total_seconds() * 1000:.1f} ms"
         cause = s.caused_by or ""
-        lines.append(f"  {at:>10}  {s.kind:<{ev}} {s.by:<{by}} {cause:<{ev}} {hop:>9}")
-    for a in sorted(trace.retries + trace.dead_letters, key=lambda a: a.time):
-        at = f"+{(a.time - t0).total_seconds() * 1000:.1f} ms"
-        lines.append(f"  {at:>10}  {a.kind.upper()}: {a.function} on {a.subject}: {a.detail}")
+        rows.append((s.time, f"{s.kind:<{ev}} {s.by:<{by}} {cause:<{ev}} {hop:>9}"))
+    for a in trace.retries + trace.dead_letters + trace.interventions:
+        if a.kind == "intervention":
+            rows.append((a.time, f"INTERVENTION: {a.detail}"))
+        else:
+            rows.append((a.time, f"{a.kind.upper()}: {a.function} on {a.subject}: {a.detail}"))
+    for when, text in sorted(rows, key=lambda row: row[0]):
+        offset = (when - t0).total_seconds() * 1000
+        at = f"{'+' if offset >= 0 else '-'}{abs(offset):.1f} ms"
+        lines.append(f"  {at:>10}  {text}")
     for o in trace.owed:
         c = o.consumer
         lines.append(
@@ -437,6 +492,7 @@ def as_json(trace: Trace, now: datetime) -> dict[str, object]:
         ],
         "retries": [_aside_json(a) for a in trace.retries],
         "dead_letters": [_aside_json(a) for a in trace.dead_letters],
+        "interventions": [_aside_json(a) for a in trace.interventions],
         "waiting_for": [
             {
                 "function": o.function,

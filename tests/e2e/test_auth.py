@@ -110,7 +110,7 @@ async def _until(condition: object, what: str, timeout: float = 3.0) -> None:
 
 def test_permissions_follow_the_topology(topology: Topology) -> None:
     users = auth.permissions(topology)
-    assert set(users) == {"payment", "stock", "delivery", "order", "client", "operator"}
+    assert set(users) == {"payment", "stock", "delivery", "order", "cancel", "client", "operator"}
     assert users["payment"].publish == (
         "$JS.API.CONSUMER.INFO.ORDERS.payment",
         "$JS.API.CONSUMER.MSG.NEXT.ORDERS.payment",
@@ -131,7 +131,12 @@ def test_permissions_follow_the_topology(topology: Topology) -> None:
     )
     assert users["payment"].subscribe[0] == "_INBOX_payment.>"
     # The client publishes what no function emits, and reads what no function consumes.
-    assert users["client"].publish == ("orders.created", "order.*.orders.created")
+    # ...and may ask for a cancellation, as may the operator; no function may.
+    assert users["client"].publish == ("orders.created", "order.*.orders.created", "orders.cancel")
+    assert "orders.cancel" in users["operator"].publish
+    assert "orders.cancel" in users["cancel"].subscribe  # the one that answers
+    for name in topology.functions:
+        assert "orders.cancel" not in users[name].publish
     assert set(users["client"].subscribe) == {
         "order.*.orders.completed",
         "order.*.orders.cancelled",
@@ -162,7 +167,16 @@ def test_auth_command_writes_private_files_and_no_secret(tmp_path: Path) -> None
     first = run()
     directory = tmp_path / auth.AUTH_DIR
     envs = {p.stem: auth.read_env(p) for p in directory.glob("*.env")}
-    assert set(envs) == {"admin", "client", "operator", "payment", "stock", "delivery", "order"}
+    assert set(envs) == {
+        "admin",
+        "client",
+        "operator",
+        "payment",
+        "stock",
+        "delivery",
+        "order",
+        "cancel",
+    }
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for path in directory.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -31,14 +31,16 @@ async def test_every_path_ends_once_with_the_right_compensations(start_flow: Sta
     assert happy == {"orders.created", "payments.succeeded", "stock.reserved",
                      "delivery.scheduled", "orders.completed"}  # fmt: skip
     assert flaky == happy
-    # Declined: the reservation is released before the order is cancelled.
+    # Declined: the reservation is released before the order is cancelled (and
+    # its delivery decision closed: it will not be delivered).
     assert declined == {"orders.created", "payments.failed", "stock.reserved", "stock.released",
-                        "orders.cancelled"}  # fmt: skip
+                        "delivery.cancelled", "orders.cancelled"}  # fmt: skip
     # Out of stock: the charge is refunded.
     assert oos == {"orders.created", "payments.succeeded", "stock.unavailable",
-                   "payments.refunded", "orders.cancelled"}  # fmt: skip
+                   "payments.refunded", "delivery.cancelled", "orders.cancelled"}  # fmt: skip
     # Both failed: nothing was taken, so nothing is given back.
-    assert both == {"orders.created", "payments.failed", "stock.unavailable", "orders.cancelled"}
+    assert both == {"orders.created", "payments.failed", "stock.unavailable",
+                    "delivery.cancelled", "orders.cancelled"}  # fmt: skip
 
     events = {f"{s.kind}:{s.event().order_id}": s.event() for s in await flow.events()}
     charged = events["payments.succeeded:e2e-oos"]

@@ -17,6 +17,7 @@ from functions.events import (
     EVENT_TYPES,
     AlarmCleared,
     ChargePayment,
+    DeliveryCancelled,
     DeliveryScheduled,
     Event,
     OrderCancelled,
@@ -144,6 +145,7 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
         "stock.unavailable": StockUnavailable,
         "stock.released": StockReleased,
         "delivery.scheduled": DeliveryScheduled,
+        "delivery.cancelled": DeliveryCancelled,
         "saga.payment.charge": ChargePayment,
         "saga.payment.refund": RefundPayment,
         "saga.stock.reserve": ReserveStock,
@@ -159,7 +161,7 @@ def test_event_types_maps_every_subject_to_its_class() -> None:
         c for c in vars(events_mod).values()
         if isinstance(c, type) and issubclass(c, Event) and "." in str(c.__struct_config__.tag)
     }  # fmt: skip
-    assert set(EVENT_CLASSES) == defined and len(defined) == 18
+    assert set(EVENT_CLASSES) == defined and len(defined) == 19
     for subject, cls in EVENT_TYPES.items():
         assert subject_of(cls) == subject
 
@@ -178,6 +180,7 @@ ONE_OF_EACH: list[Event] = [
     StockUnavailable("o-1", shortages=[Shortage("SKU-1", 2, 1)]),
     StockReleased("o-1", items=[]),
     DeliveryScheduled("o-1", tracking_id="TRK-1"),
+    DeliveryCancelled("o-1", reason="changed my mind", request_id="r-1", requested_by="ann"),
     ChargePayment("o-1", 1, order=PLACED),
     RefundPayment("o-1", 2, reason="out of stock: SKU-1 (wanted 2, 1 left)"),
     ReserveStock("o-1", 1, order=PLACED),

@@ -8,6 +8,7 @@ from functions import orchestrator
 from functions.events import (
     AlarmCleared,
     ChargePayment,
+    DeliveryCancelled,
     DeliveryScheduled,
     Event,
     OrderCancelled,
@@ -45,10 +46,16 @@ UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 1)])
 
 
 async def feed(store: MemoryStore, *events: Event) -> list[Event]:
-    """Every event in turn; what the orchestrator sent for the last one."""
+    """Every event in turn; what the orchestrator sent for the last one.
+
+    A ``delivery.cancelled`` it sends (closing a failed saga) comes back to it
+    from the log, as it would live; then what it sent for that is returned.
+    """
     sent: Sequence[Event] = []
     for event in events:
         sent = await orchestrator.handle(event, store, POLICY)
+        while [type(e) for e in sent] == [DeliveryCancelled]:
+            sent = await orchestrator.handle(sent[0], store, POLICY)
     return list(sent)
 
 
@@ -140,6 +147,8 @@ async def test_a_compensating_payment_policy_still_refunds_after_its_attempts() 
     assert [subject_of(type(e)) for e in sent] == ["saga.payment.refund", "saga.timeout"]
     # The charge was declined after all: payment holds nothing, the order ends.
     sent = await orchestrator.handle(PaymentFailed("o-1", 3000, reason="late"), store, policy)
+    assert [subject_of(type(e)) for e in sent] == ["delivery.cancelled"]  # closing first
+    sent = await orchestrator.handle(sent[0], store, policy)
     assert [subject_of(type(e)) for e in sent] == ["orders.cancelled", "saga.alarms.cleared"]
 
 
@@ -198,3 +207,68 @@ async def test_state_records_the_step_before_commands_go_out() -> None:
     saga = await store.get(saga_key("o-1"), Saga)
     assert saga is not None
     assert (saga.value.step, saga.value.attempt, saga.value.charge) == ("stock", 1, SUCCEEDED)
+
+
+# --- cancellation on request -------------------------------------------------
+
+REQUESTED = DeliveryCancelled("o-1", reason="changed my mind", request_id="r-1", requested_by="ann")
+NAMED = OrderCancelled(
+    "o-1",
+    reason="cancelled on request r-1 by ann: changed my mind",
+    request_id="r-1",
+    requested_by="ann",
+)
+
+
+async def test_a_failed_saga_closes_its_delivery_decision_before_it_ends() -> None:
+    store = MemoryStore()
+    await feed(store, PLACED)
+    sent = await orchestrator.handle(PaymentFailed("o-1", 3000, reason="declined"), store, POLICY)
+    assert sent == [DeliveryCancelled("o-1", reason="payment failed: declined")]
+    # A request's cancellation was stored first (ours was refused): it names the end.
+    assert await orchestrator.handle(REQUESTED, store, POLICY) == [NAMED, AlarmCleared("o-1")]
+
+
+async def test_cancelled_while_charging_refunds_once_the_charge_answers() -> None:
+    store = MemoryStore()
+    await feed(store, PLACED)
+    assert await feed(store, REQUESTED) == []  # the charge is in flight: let it answer
+    assert await feed(store, SUCCEEDED) == [
+        RefundPayment("o-1", 1, reason="changed my mind"),
+        alarm("refund"),
+    ]
+    refunded = PaymentRefunded("o-1", 3000, charge_id="ch_1")
+    assert await feed(store, refunded) == [NAMED, AlarmCleared("o-1")]
+
+
+async def test_cancelled_while_reserving_releases_then_refunds() -> None:
+    store = MemoryStore()
+    await feed(store, PLACED, SUCCEEDED, REQUESTED)
+    assert await feed(store, RESERVED) == [
+        ReleaseStock("o-1", 1, reason="changed my mind"),
+        alarm("release"),
+    ]
+    assert await feed(store, StockReleased("o-1", [StockLine("BOOK-42", 2)])) == [
+        RefundPayment("o-1", 1, reason="changed my mind"),
+        alarm("refund"),
+    ]
+    refunded = PaymentRefunded("o-1", 3000, charge_id="ch_1")
+    assert await feed(store, refunded) == [NAMED, AlarmCleared("o-1")]
+
+
+async def test_cancelled_while_delivery_is_asked_undoes_at_once() -> None:
+    # The stream refuses delivery.scheduled from now on: nothing to wait for.
+    store = MemoryStore()
+    await feed(store, PLACED, SUCCEEDED, RESERVED)
+    assert await feed(store, REQUESTED) == [
+        ReleaseStock("o-1", 1, reason="changed my mind"),
+        alarm("release"),
+    ]
+
+
+async def test_a_cancellation_after_the_end_changes_nothing() -> None:
+    store = MemoryStore()
+    await feed(store, PLACED, SUCCEEDED, RESERVED, DeliveryScheduled("o-1", tracking_id="T"))
+    revision = store.data[saga_key("o-1")][1]
+    assert await feed(store, REQUESTED) == []
+    assert store.data[saga_key("o-1")][1] == revision

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from functions import order
+from functions.errors import Permanent
 from functions.events import (
+    DeliveryCancelled,
     DeliveryScheduled,
     Event,
     OrderCancelled,
@@ -31,6 +33,8 @@ UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 1)])
 RELEASED = StockReleased("o-1", LINES)
 SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1")
 
+REQUESTED = DeliveryCancelled("o-1", reason="changed my mind", request_id="r-1", requested_by="ann")
+
 COMPLETED = OrderCompleted("o-1", tracking_id="TRK-1")
 OUT_OF_STOCK = "out of stock: BOOK-42 (wanted 2, 1 left)"
 DECLINED = "payment failed: card_declined"
@@ -54,6 +58,16 @@ PATHS: dict[str, tuple[tuple[Event, ...], tuple[Event, ...], Event]] = {
         (UNAVAILABLE, REFUNDED),
         OrderCancelled("o-1", reason=OUT_OF_STOCK),
     ),
+    "cancelled-on-request-after-reserve": (
+        (SUCCEEDED, RESERVED, REQUESTED),
+        (REFUNDED, RELEASED),
+        OrderCancelled(
+            "o-1",
+            reason="cancelled on request r-1 by ann: changed my mind",
+            request_id="r-1",
+            requested_by="ann",
+        ),
+    ),
 }
 
 
@@ -65,6 +79,14 @@ async def test_every_schedule_stores_exactly_one_terminal_event(
     assert played
     for run in played:
         assert run.reactions == [terminal], run.schedule
+        # A cancelled order's delivery decision is closed, once, before it ends.
+        decisions = [e for e in run.history.appended if isinstance(e, DeliveryCancelled)]
+        expected = 0 if isinstance(terminal, OrderCompleted) else 1
+        assert len(decisions) == expected, run.schedule
+        if decisions:
+            assert run.history.appended.index(decisions[0]) < run.history.appended.index(
+                run.reactions[0]
+            )
         # Whoever decides says the same: the reason does not depend on who saw what.
         assert all(answer in ([], [terminal]) for answer in run.answers), run.schedule
 
@@ -104,3 +126,11 @@ async def test_late_news_after_the_end_says_the_same_again() -> None:
 def test_reason_names_the_payment_first() -> None:
     assert order.reason([UNAVAILABLE, FAILED]) == f"{DECLINED}; {OUT_OF_STOCK}"
     assert order.reason([REFUNDED, RELEASED]) == ""
+
+
+async def test_a_cancelled_order_whose_delivery_was_scheduled_is_a_bug_not_a_guess() -> None:
+    history = MemoryHistory()
+    for event in (SUCCEEDED, RESERVED, SCHEDULED, FAILED, RELEASED):
+        history.record(event)
+    with pytest.raises(Permanent, match="settled both ways"):
+        await order.handle(RELEASED, history)

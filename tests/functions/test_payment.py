@@ -6,6 +6,7 @@ import pytest
 
 from functions import payment
 from functions.events import (
+    DeliveryCancelled,
     Event,
     OrderCreated,
     OrderItem,
@@ -149,3 +150,45 @@ async def test_stock_unavailable_after_a_decline_emits_nothing() -> None:
 async def test_payment_handles_nothing_else() -> None:
     with pytest.raises(TypeError):
         await Payments().handle(PaymentRefunded("o-1", 1, charge_id="x"))
+
+
+REQUESTED = DeliveryCancelled("o-1", reason="changed my mind", request_id="r-1", requested_by="ann")
+
+
+async def test_an_order_cancelled_before_payment_saw_it_is_never_charged() -> None:
+    p = Payments()
+    p.history.record(REQUESTED)
+    answer = await p.created()
+    assert answer == [PaymentFailed("o-1", TOTAL, reason="not charged: cancelled on request r-1")]
+    assert p.gateway_keys("charge") == []  # the gateway was never asked
+    assert await p.handle(REQUESTED) == []  # nothing to refund
+
+
+async def test_every_schedule_of_charge_and_cancellation_refunds_exactly_once() -> None:
+    gateway = SimulatedGateway(MemoryStore())
+
+    async def handle(event: Event, history: History) -> list[Event]:
+        return list(await payment.handle(event, history, gateway))
+
+    played = await schedules(handle, [placed(), REQUESTED])
+    assert played
+    for run in played:
+        kinds = sorted(type(e).__name__ for e in run.reactions)
+        # Charged then refunded, or never charged: money never stays taken.
+        assert kinds in (["PaymentRefunded", "PaymentSucceeded"], ["PaymentFailed"]), run.schedule
+
+
+async def test_a_failed_orders_own_cancellation_asks_for_nothing() -> None:
+    p = Payments()
+    await p.created()
+    closed = DeliveryCancelled("o-1", reason="out of stock")  # no request: order closed it
+    assert await p.handle(closed) == []
+    assert p.gateway_keys("refund") == []
+
+
+async def test_orchestrated_payment_does_not_watch_for_cancellations() -> None:
+    history = MemoryHistory()
+    history.record(REQUESTED)
+    gateway = SimulatedGateway(MemoryStore())
+    answer = await payment.handle(placed(), history, gateway, cancellable=False)
+    assert [type(e) for e in answer] == [PaymentSucceeded]  # the orchestrator refunds

@@ -15,6 +15,7 @@ from functions.events import (
     OrderCreated,
     OrderItem,
     PaymentFailed,
+    PaymentRefunded,
     Shortage,
     StockLine,
     StockReleased,
@@ -204,6 +205,25 @@ async def test_failed_payment_releases_the_reservation() -> None:
     events = await stock.handle(declined("o-1"), store)
     assert events == [StockReleased("o-1", [StockLine("A", 2), StockLine("B", 1)])]
     assert (await level(store, "A"), await level(store, "B")) == (5, 2)
+
+
+async def test_a_refund_releases_the_reservation_and_a_failure_after_it_nothing_more() -> None:
+    # A cancellation after the charge: payment refunds, which asks for the stock back.
+    store = await stocked(A=5)
+    await stock.handle(order("o-1", ("A", 2)), store)
+    refunded = PaymentRefunded("o-1", 100, charge_id="ch_1")
+    assert await stock.handle(refunded, store) == [StockReleased("o-1", [StockLine("A", 2)])]
+    assert await stock.handle(declined("o-1"), store) == [StockReleased("o-1", [StockLine("A", 2)])]
+    assert await level(store, "A") == 5
+
+
+async def test_a_refund_of_an_order_out_of_stock_gives_nothing_back() -> None:
+    store = await stocked(A=1)
+    assert [type(e) for e in await stock.handle(order("o-1", ("A", 2)), store)] == [
+        StockUnavailable
+    ]
+    assert await stock.handle(PaymentRefunded("o-1", 100, charge_id="ch_1"), store) == []
+    assert await level(store, "A") == 1
 
 
 async def test_redelivered_failed_payment_releases_once() -> None:

@@ -1,0 +1,132 @@
+"""The loop of a function that answers requests: receive, decode, handle, reply.
+
+Some questions need an answer at once, not an event later: "cancel this
+order" is answered ``accepted`` or ``too late`` while the customer waits. A
+function that ``serves`` a request subject (``streams.yaml``) listens on it
+in a queue group, so each request reaches one of its processes, and answers
+on the request's reply subject. The handler gets the decoded request and the
+order's history (``orderflow.runtime.history``, the same reads and appends a
+consumed message gets); what it changes it stores as events, with the request
+as their cause, before it answers.
+
+Nothing is kept about a request: a requester that got no answer (the process
+died after deciding, or the reply was lost) asks again with the same request
+id, and the handler reads its earlier decision back from the history. A
+request that cannot be decoded is answered with the reason; one whose handler
+fails is answered with the error, so the requester knows to ask again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from functions.events import REQUEST_TYPES, CancelAnswer, CancelRequest
+from functions.history import History
+from orderflow import subjects
+from orderflow.config import Topology
+from orderflow.runtime.context import EVENT_ID
+from orderflow.runtime.emit import Cause, Emitter
+from orderflow.runtime.failpoints import crash_point
+from orderflow.runtime.history import MessageHistory, OrderLog
+from orderflow.runtime.metrics import Counters
+
+log = logging.getLogger("orderflow.runtime.requests")
+
+RequestHandler = Callable[[CancelRequest, History], Awaitable[CancelAnswer]]
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """The answer to a request that could not be handled."""
+
+    error: str
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Responder:
+    def __init__(
+        self,
+        nc: Client,
+        topology: Topology,
+        function: str,
+        handler: RequestHandler,
+        counters: Counters,
+        leader_reads: bool = False,
+    ) -> None:
+        self.nc = nc
+        self.name = function
+        self.spec = topology.functions[function]
+        self.handler = handler
+        self.counters = counters
+        self.emitter = Emitter(nc, function, self.spec.emits)
+        self.reads = frozenset(self.spec.reads)
+        self.log = OrderLog(nc, topology.events_stream, leader_only=leader_reads)
+        self._decoders = {s: msgspec.json.Decoder(REQUEST_TYPES[s]) for s in self.spec.serves}
+        self._in_hand: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Answer until ``stop`` is set; then stop listening and finish what is in hand."""
+        subscriptions = [
+            await self.nc.subscribe(s, queue=subjects.service(self.name), cb=self._received)
+            for s in self.spec.serves
+        ]
+        await stop.wait()
+        for subscription in subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        if self._in_hand:
+            await asyncio.wait(self._in_hand)
+
+    async def _received(self, msg: Msg) -> None:
+        # Each request its own task: one slow history read holds one request.
+        task = asyncio.create_task(self._answer(msg))
+        self._in_hand.add(task)
+        task.add_done_callback(self._in_hand.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        started = time.perf_counter_ns()
+        reply: msgspec.Struct
+        try:
+            request = self._decoders[msg.subject].decode(msg.data)
+        except msgspec.ValidationError as exc:
+            reply = Problem(f"invalid request: {exc}")
+            self.counters.dead_lettered += 1  # not kept: answered, nothing to redrive
+        except msgspec.DecodeError as exc:
+            reply = Problem(f"invalid request: not JSON ({exc})")
+            self.counters.dead_lettered += 1
+        else:
+            reply = await self._handle(msg, request)
+        if msg.reply:
+            with contextlib.suppress(Exception):  # the requester left: it asks again
+                await msg.respond(_encode(reply))
+        self.counters.processing_ns += time.perf_counter_ns() - started
+
+    async def _handle(self, msg: Msg, request: CancelRequest) -> msgspec.Struct:
+        headers = msg.headers or {}
+        cause = Cause(
+            headers,
+            headers.get(EVENT_ID) or f"{msg.subject}:{request.request_id or request.order_id}",
+        )
+        history = MessageHistory(self.log, self.emitter, cause, self.reads)
+        try:
+            answer = await self.handler(request, history)
+            crash_point("after-decide", self.name, request.order_id, msg.subject)
+        except Exception as exc:
+            self.counters.failed += 1
+            self.counters.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("%s: %s for order %s failed: %r", self.name, msg.subject,
+                        request.order_id, exc)  # fmt: skip
+            return Problem(f"could not answer now, ask again: {type(exc).__name__}: {exc}")
+        self.counters.processed += 1
+        log.info("%s: %s for order %s: %s (%s)", self.name, msg.subject, request.order_id,
+                 answer.answer, answer.rule)  # fmt: skip
+        return answer
