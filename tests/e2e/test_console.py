@@ -311,3 +311,32 @@ async def test_a_read_only_console_shows_no_action_and_refuses_every_post(
 
 async def _letters(flow: Flow, order_id: str) -> list[int]:
     return [d.id for d in await flow.dead_letters() if f'"{order_id}"' in d.data.decode()]
+
+
+async def test_an_order_cancelled_from_its_page_ends_cancelled_naming_the_request(
+    start_flow: StartFlow, console: Callable[[Flow], Any], browser: WebDriver
+) -> None:
+    flow = await start_flow({"delivery": 0})  # held paid and reserved
+    url = await console(flow)
+    await flow.publish(order("cc-1"))
+
+    async def paid_and_reserved() -> bool:
+        return {"payments.succeeded", "stock.reserved"} <= set(
+            (await flow.by_order()).get("cc-1", [])
+        )
+
+    await value_when(paid_and_reserved, bool, 10, "paid and reserved")
+    await asyncio.to_thread(browser.get, url + "/orders/cc-1")
+    browser.find_element(By.ID, "cancel-reason").send_keys("customer changed their mind")
+    await asyncio.to_thread(browser.find_element(By.ID, "cancel-order").click)
+    message = await until(lambda: browser.find_elements(By.ID, "message"), 10, "the answer")
+    assert message[0].text.startswith("accepted: cancelled on this request"), message[0].text
+
+    seen = await flow.wait_finished(["cc-1"], timeout=30)
+    assert "orders.cancelled" in seen["cc-1"] and "delivery.scheduled" not in seen["cc-1"]
+    await asyncio.to_thread(browser.get, url + "/orders/cc-1")
+    assert browser.find_element(By.ID, "outcome").get_attribute("data-outcome") == "cancelled"
+    assert not browser.find_elements(By.ID, "cancel-order")  # nothing left to cancel
+    [asked] = browser.find_elements(By.CSS_SELECTOR, "#asides tr.intervention")
+    assert "customer changed their mind" in asked.text and "accepted" in asked.text
+    assert {"payments.refunded", "stock.released"} <= set(seen["cc-1"])

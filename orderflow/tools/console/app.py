@@ -6,7 +6,7 @@ streams each new one as a server-sent event to every open page. A viewer
 costs the flow nothing more than the snapshot task does (measured in
 bench/README.md).
 
-Safe by default: the CLI binds it to loopback; every action (a redrive) is a
+Safe by default: the CLI binds it to loopback; every action (a redrive, a cancellation) is a
 POST whose form carries this process's CSRF token (a secret drawn at start,
 compared in constant time) and whose ``Origin``, when the browser sends one,
 must be this console; ``read_only`` renders no form and refuses every POST.
@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from nats.aio.client import Client
 from starlette.applications import Starlette
@@ -42,9 +42,11 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from functions.events import CancelRequest
 from functions.orchestrator import Saga, saga_key
 from orderflow import subjects
 from orderflow.config import Topology
+from orderflow.ops import interventions
 from orderflow.runtime.kv import KvStore
 from orderflow.tools import dlq, trace
 from orderflow.tools.console import drawing, pages, reads
@@ -191,7 +193,27 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
             body = pages.problem("No such order", f"No events for order {order_id!r} in the log.")
             return HTMLResponse(pages.layout("Order", body, topology.mode), status_code=404)
         saga = await _saga(console, order_id) if topology.mode == "orchestration" else None
-        return f"Order {order_id}", pages.order(found, datetime.now(UTC), saga)
+        message = request.query_params.get("message", "")
+        return f"Order {order_id}", pages.order(
+            found, datetime.now(UTC), saga, console.csrf, message
+        )
+
+    async def cancel(request: Request) -> Response:
+        form = await _form(request)
+        if (refused := await _guard(request, console, form)) is not None:
+            return refused
+        order_id = request.path_params["order_id"]
+        if not subjects.safe(order_id):
+            return Response(f"no order {order_id!r}", status_code=404)
+        asked = CancelRequest(order_id, reason=form.get("reason", "").strip()[:500],
+                              requested_by=f"{interventions.who()} (console)"[:64])  # fmt: skip
+        try:
+            answer = await interventions.cancel(console.nc, topology, asked, datetime.now(UTC))
+            said = f"{answer.answer}: {answer.rule}"
+        except interventions.NoAnswer as exc:
+            said = f"no answer: {exc}"
+        log.warning("console: cancel %s: %s", order_id, said)
+        return RedirectResponse(f"/orders/{order_id}?{urlencode({'message': said})}", 303)
 
     async def stuck(request: Request) -> tuple[str, str]:
         try:
@@ -259,6 +281,7 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
         Route("/find", find),
         Route("/orders", page(orders)),
         Route("/orders/{order_id}", page(order)),
+        Route("/orders/{order_id}/cancel", cancel, methods=["POST"]),
         Route("/stuck", page(stuck)),
         Route("/dead-letters", page(letters)),
         Route("/dead-letters/{ident:int}", page(letter)),

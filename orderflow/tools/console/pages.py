@@ -4,7 +4,7 @@ Each page is a function of what was read (a snapshot, a trace, dead letters)
 to a string. The markup names what it shows with ``id`` and ``data-*``
 attributes (``data-function``, ``data-field``, ``data-kind``...): the live
 script updates cells by them, and the browser tests find them the same way.
-An action (a redrive) is a form posting to the console with its CSRF token;
+An action (a redrive, a cancellation) is a form posting to the console with its CSRF token;
 ``read_only`` leaves every form out.
 """
 
@@ -130,7 +130,13 @@ def order_list(title: str, rows: Sequence[tuple[str, str, str]], note: str) -> s
 """
 
 
-def order(trace: Trace, now: datetime, saga: dict[str, Any] | None) -> str:
+def order(
+    trace: Trace,
+    now: datetime,
+    saga: dict[str, Any] | None,
+    csrf: str | None = None,
+    message: str = "",
+) -> str:
     steps = "".join(
         f'<tr class="step" data-kind="{e(s.kind)}" data-sequence="{s.sequence}">'
         f"<td>{e(s.time.strftime('%H:%M:%S.%f')[:-3])}</td><td>{e(s.kind)}</td>"
@@ -154,28 +160,39 @@ def order(trace: Trace, now: datetime, saga: dict[str, Any] | None) -> str:
         for o in trace.owed
     )
     asides = "".join(
-        f'<tr class="{"retry" if a.kind == "retry" else "dead-letter"}">'
+        f'<tr class="{e(a.kind.replace(" ", "-"))}">'
         f"<td>{e(a.time.strftime('%H:%M:%S.%f')[:-3])}</td><td>{e(a.kind)}</td>"
         f"<td>{e(a.function)}</td><td>{e(a.subject)}</td><td>{_aside_detail(a)}</td></tr>"
-        for a in sorted([*trace.retries, *trace.dead_letters], key=lambda a: a.time)
+        for a in sorted(
+            [*trace.retries, *trace.dead_letters, *trace.interventions], key=lambda a: a.time
+        )
     )
     outcome = trace.outcome or "unfinished"
     waiting = f'<h2>Waiting on</h2><ul id="owed">{owed}</ul>' if trace.owed else ""
+    note = f'<p id="message" class="message">{e(message)}</p>' if message else ""
+    action = ""
+    if csrf is not None and trace.outcome is None:
+        # Answered at once: accepted (it will end cancelled) or too late (delivery scheduled).
+        action = f"""<form method="post" action="/orders/{e(trace.order_id)}/cancel" id="cancel">
+<input type="hidden" name="csrf" value="{e(csrf)}">
+<input type="text" name="reason" id="cancel-reason" placeholder="why" maxlength="500">
+<button type="submit" id="cancel-order">Cancel this order</button></form>"""
     return f"""<h1 data-order="{e(trace.order_id)}">Order {e(trace.order_id)}</h1>
 <p id="outcome" data-outcome="{e(outcome)}" class="outcome {e(outcome)}">{e(outcome)}</p>
+{note}{action}
 {waiting}
 {_saga(saga)}
 <h2>Timeline</h2>
 <table id="timeline"><thead><tr><th>time</th><th>event</th><th>by</th><th>caused by</th>
 <th>hop ms</th><th></th></tr></thead><tbody>{steps}</tbody></table>
-<h2>Retries and dead letters on its path</h2>
+<h2>Retries, dead letters and interventions on its path</h2>
 <table id="asides"><thead><tr><th>time</th><th>what</th><th>function</th><th>subject</th>
 <th>detail</th></tr></thead><tbody>{asides}</tbody></table>
 """
 
 
 def _aside_detail(aside: Aside) -> str:
-    if aside.kind == "retry":
+    if aside.kind != "dead letter":
         return e(aside.detail)
     ident = aside.fields.get("id")
     return f'<a href="/dead-letters/{e(ident)}">{e(aside.detail)}</a>'
