@@ -18,7 +18,7 @@ CONFIG = ROOT / "streams.yaml"
 def expected_coupling(functions: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
     """Straight from the YAML: event kinds each function knows, and who reads stock's outcomes."""
     consumes = {
-        name: {kind for c in fn["consumers"] for kind in c["events"]}
+        name: {kind for c in fn.get("consumers", []) for kind in c["events"]}
         for name, fn in functions.items()
     }
     known = {name: len(consumes[name] | set(fn["emits"])) for name, fn in functions.items()}

@@ -221,3 +221,20 @@ async def test_cancels_racing_completion_each_answer_matches_how_the_order_ended
     assert {"accepted", "too late"} <= set(verdicts.values()), verdicts
     await flow.assert_stock_conserved()
     assert await flow.dead_letters() == []
+
+
+async def test_a_bad_request_is_answered_with_the_reason_and_the_function_keeps_answering(
+    start_flow: StartFlow,
+) -> None:
+    flow = await start_flow()
+    assert (await ask(flow, "cx-nothing", attempts=40, timeout=1.0)).answer == "unknown"
+    bad = [b"not json", b'{"reason": "no order"}', b'{"order_id": "a b"}', b"[1, 2]"]
+    for body in bad:
+        reply = await flow.nc.request("orders.cancel", body, timeout=10)
+        error = msgspec.json.decode(reply.data)["error"]
+        assert error.startswith("invalid request"), (body, error)
+    # Still answering, in the same process.
+    before = sorted(flow.supervisor.pids())
+    assert (await ask(flow, "cx-nothing")).answer == "unknown"
+    assert sorted(flow.supervisor.pids()) == before
+    assert len(flow.supervisor.pids()) == len(flow.topology.functions)  # nothing crashed
