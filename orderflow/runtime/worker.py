@@ -181,8 +181,7 @@ class Worker:
             await self._note_retry(msg, event, delay, error)
             return
         await msg.ack()
-        self.counters.processed += 1
-        self.counters.processing_ns += time.perf_counter_ns() - started
+        self.counters.handled(time.perf_counter_ns() - started)
         if log.isEnabledFor(logging.DEBUG):
             outputs = ", ".join(subject_of(type(e)) for e in outcome.events) or "nothing"
             log.debug("%s: %s for order %s -> %s", self.name, kind, event.order_id,
