@@ -3,7 +3,8 @@
 SIGTERM and SIGINT stop asking for messages and stop listening for them (the
 server drops the pull requests still open, so what comes next goes to another
 process); messages already in hand are seen through and acked, then the
-connection is flushed and closed. Nothing in hand is dropped.
+connection is flushed and closed, and the spans still buffered are sent (when
+tracing is on). Nothing in hand is dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from orderflow.runtime.connect import connect
 from orderflow.runtime.consumers import Report, ensure_consumers
 from orderflow.runtime.kv import KvStore
 from orderflow.runtime.metrics import register
+from orderflow.runtime.tracing import tracer_for
 from orderflow.runtime.worker import Worker
 
 log = logging.getLogger("orderflow.runtime.service")
@@ -39,6 +41,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nc = await connect(url, name=f"orderflow-{function}")
+    # OFF unless the extra and the OTEL_* environment ask for spans (orderflow.runtime.tracing).
+    tracer = tracer_for(function, topology.functions[function])
     try:
         # pull_subscribe ignores the config of an existing durable: reconcile
         # it with streams.yaml here, so a changed setting takes effect.
@@ -49,7 +53,7 @@ async def serve(
             log.info("%s: %s", function, line)
         handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
         leader_reads = await _replicated(nc, topology, function)
-        worker = Worker(nc, topology, function, handler, leader_reads=leader_reads)
+        worker = Worker(nc, topology, function, handler, leader_reads=leader_reads, tracer=tracer)
         service = await register(nc, function, worker.counters)
         log.info("%s: consuming (pid %d, service %s)", function, os.getpid(), service.id)
         await worker.run(stop)
@@ -61,6 +65,7 @@ async def serve(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(), 2.0)
         await nc.close()
+        tracer.shutdown()  # the spans still buffered, sent before the process exits
 
 
 async def _replicated(nc: Client, topology: Topology, function: str) -> bool:
