@@ -142,6 +142,9 @@ class Spans(Tracer):
         for name in exporters:
             self.provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
         self.tracer = self.provider.get_tracer("orderflow", VERSION)
+        # The process's own provider too: spans that instrumented libraries make in a
+        # handler (an HTTP client to a real gateway) hang under its process span.
+        trace.set_tracer_provider(self.provider)
         #: Ingress kinds this function answers: it makes their root span.
         self.answers = frozenset(spec.reject_invalid)
 
