@@ -87,6 +87,10 @@ class _Ids(RandomIdGenerator):
         chosen, self.trace = self.trace, None
         return chosen or super().generate_trace_id()
 
+    def clear(self) -> None:
+        """Forget what was chosen: a span the SDK did not start must not pass it on."""
+        self.span = self.trace = None
+
 
 def resource_attributes(function: str, env: Mapping[str, str]) -> dict[str, AttributeValue]:
     """Each function its own service, as in ``nats micro`` (``orderflow-payment``), unless
@@ -239,6 +243,7 @@ class Spans(Tracer):
             attributes=attributes,
             start_time=stored,
         )
+        self.ids.clear()
         root.end(end_time=stored)
 
     def retrying(self, attempt: int, delay: float, error: Exception) -> None:
@@ -320,6 +325,7 @@ class Spans(Tracer):
             attributes=attributes,
             start_time=started,
         )
+        self.ids.clear()
         if repeat:
             span.set_attribute("orderflow.repeat", True)
             span.add_event("stored already: the stream refused the repeat")
