@@ -18,8 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from orderflow import subjects
+from orderflow.tools.status import ask_all
 from tests.conftest import ROOT, StartFlow
 from tests.flowkit import order
+from tests.waiting import until
 
 
 def _scrape(url: str) -> dict[str, list[Sample]]:
@@ -74,6 +76,11 @@ async def test_the_exporter_serves_the_whole_flow_in_prometheus_text(
                           b'"items":[],"payment_token":"tok_visa"}')  # fmt: skip
     await flow.wait_finished([o.order_id for o in orders], timeout=30)
     await flow.wait_quiet()
+
+    async def both_stocks_answer() -> bool:
+        return len(await ask_all(flow.nc, subjects.service_api("PING", "stock"))) == 2
+
+    await until(both_stocks_answer, 30, "both stock processes serving")
     exporter = await asyncio.to_thread(Exporter, flow.server.url)
     try:
         families = await asyncio.to_thread(_scrape, exporter.url)
