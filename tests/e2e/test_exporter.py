@@ -57,7 +57,9 @@ class Exporter:
         assert self.process.stderr is not None
         line = self.process.stderr.readline()  # "exporter on http://127.0.0.1:PORT/metrics (...)"
         match = re.search(r"exporter on (http://\S+)", line)
-        assert match, line
+        if match is None:
+            self.process.kill()
+            raise AssertionError(f"the exporter did not start: {line!r}")
         self.url = match[1]
 
     def stop(self) -> int:
