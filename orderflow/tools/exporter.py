@@ -206,7 +206,10 @@ async def serve(
     """Answer scrapes on ``http://host:port/metrics`` until ``stop`` is set."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FlowCollector(nc, Gatherer(topology), asyncio.get_running_loop()))
-    server, thread = start_http_server(port, host, registry)
+    try:
+        server, thread = start_http_server(port, host, registry)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise SystemExit(f"exporter: cannot listen on {host}:{port}: {exc}") from None
     try:
         if started is not None:
             started(f"http://{host}:{server.server_port}/metrics")
