@@ -22,6 +22,9 @@ storage, loopback only, its HTTP monitoring on a loopback port):
 * ``rates``: the same flow offered R orders/s (open loop): latency, the happy
   path's in particular;
 * ``replicas``: saturation again with 2 processes of the busiest function;
+* ``traced``: saturation again with tracing on (every function exporting its
+  spans over OTLP/HTTP to a receiver in this process, ``bench/otlp.py``), next
+  to the plain row: what tracing costs; and what its hooks cost when it is off;
 * ``history``: ORDERS filled with valid histories to 10k, 100k, 1M messages
   (``bench/history.py``), then ``trace`` and ``stuck`` timed at each size;
 * ``drain``, ``kv``: one function alone on a backlog; single KV operations.
@@ -72,12 +75,13 @@ from functions.state import Write
 from functions.stock import Level
 from orderflow import config as config_mod
 from orderflow import subjects
-from orderflow.config import BucketSpec, Topology
+from orderflow.config import BucketSpec, ConsumerSpec, Topology
 from orderflow.ops.provision import bucket_config, ensure_stream, provision_at
 from orderflow.ops.server import EmbeddedServer, binary, stop_all
 from orderflow.ops.supervisor import Supervisor
 from orderflow.runtime.consumers import Report
 from orderflow.runtime.kv import KvStore, stream_name
+from orderflow.runtime.tracing import OFF
 from orderflow.tools.demo import Tally, make_orders, payload, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,10 +216,19 @@ class Fleet(Protocol):
 class FlowFleet:
     """``runner.py run FUNCTION`` per replica, started by the project's own Supervisor."""
 
-    def __init__(self, url: str, config: Path, replicas: dict[str, int], log_dir: Path) -> None:
+    def __init__(
+        self,
+        url: str,
+        config: Path,
+        replicas: dict[str, int],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         # No supervisor.watch(): a function that dies must show in the results,
         # not be restarted behind the benchmark's back.
-        self.supervisor = Supervisor(url, config, replicas, log_level="WARNING", log_dir=log_dir)
+        self.supervisor = Supervisor(
+            url, config, replicas, log_level="WARNING", log_dir=log_dir, env=env
+        )
         self.functions = list(replicas)
 
     def start(self) -> None:
@@ -365,6 +378,10 @@ class FlowResult:
     # num_pending + num_ack_pending of each function's consumers, sampled every 0.25 s.
     backlog_mean: dict[str, float] = field(default_factory=dict)
     backlog_max: dict[str, int] = field(default_factory=dict)
+    warmup: int = 0  # orders sent before the measured ones
+    traced: bool = False  # every function exporting spans (--runs traced)
+    spans: int = 0  # spans the receiver got, warm-up included
+    span_requests: int = 0  # OTLP export requests it got
 
     @property
     def failed(self) -> bool:
@@ -567,9 +584,48 @@ def run_flow(
     orders: list[tuple[str, OrderCreated]],
     rate: float | None,
     on_start: Callable[[dict[str, list[int]]], None] | None = None,
+    traced: bool = False,
 ) -> FlowResult:
-    """One configuration on its own fresh server; every process is stopped on the way out."""
-    result = FlowResult(load, replicas, len(orders))
+    """One configuration on its own fresh server; every process is stopped on the way out.
+
+    ``traced``: the functions export their spans to a receiver in this process
+    (its CPU counts as the driver's); they flush what they buffered as they stop.
+    """
+    result = FlowResult(load, replicas, len(orders), traced=traced)
+    if traced:
+        from bench import otlp  # here: it needs opentelemetry-proto (the extra otel)
+
+        with otlp.OtlpReceiver(keep=False) as receiver:
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+            _run_flow(setup, result, orders, rate, on_start, env)
+        result.spans, result.span_requests = receiver.received, receiver.requests
+        if not result.spans and not result.error:
+            result.error = "tracing on, and no span arrived"
+    else:
+        _run_flow(setup, result, orders, rate, on_start, None)
+    outcome = "ok"
+    if result.failed:
+        outcome = "FAILED: " + (
+            result.error
+            or f"{result.unfinished} unfinished, {result.wrong_outcome} wrong outcome, "
+            f"{result.duplicates} with two terminal events stored, "
+            f"{result.functions_died} processes died"
+        )
+    spans = f", {result.spans} spans" if traced else ""
+    say(f"        {'':<24} -> {result.orders_per_s} orders/s, p50 {result.p50_ms} ms, "
+        f"p99 {result.p99_ms} ms{spans}, {outcome}")  # fmt: skip
+    return result
+
+
+def _run_flow(
+    setup: Setup,
+    result: FlowResult,
+    orders: list[tuple[str, OrderCreated]],
+    rate: float | None,
+    on_start: Callable[[dict[str, list[int]]], None] | None,
+    env: dict[str, str] | None,
+) -> None:
+    replicas, result.warmup = result.replicas, setup.warmup
     say(f"  flow  {label(result):<24} {len(orders)} orders ...")
     with tempfile.TemporaryDirectory(prefix="orderflow-bench-", dir=setup.store_root) as tmp:
         config = config_file(setup, Path(tmp))
@@ -578,7 +634,7 @@ def run_flow(
         try:
             asyncio.run(provision_at(server.url, setup.topology, ROOT))
             log_dir = Path(tmp) / "logs"
-            fleet = FlowFleet(server.url, config, replicas, log_dir)
+            fleet = FlowFleet(server.url, config, replicas, log_dir, env)
             try:
                 fleet.start()
                 warmup = make_orders(setup.warmup, run_id="warmup", seed=7)
@@ -594,17 +650,6 @@ def run_flow(
                     show_logs(log_dir)
         finally:
             server.stop()
-    outcome = "ok"
-    if result.failed:
-        outcome = "FAILED: " + (
-            result.error
-            or f"{result.unfinished} unfinished, {result.wrong_outcome} wrong outcome, "
-            f"{result.duplicates} with two terminal events stored, "
-            f"{result.functions_died} processes died"
-        )
-    say(f"        {'':<24} -> {result.orders_per_s} orders/s, p50 {result.p50_ms} ms, "
-        f"p99 {result.p99_ms} ms, {outcome}")  # fmt: skip
-    return result
 
 
 # --- the reference chain ----------------------------------------------------------------
@@ -961,6 +1006,7 @@ def render_profile(profile: dict[str, Any]) -> str:
 
 def label(result: FlowResult) -> str:
     extra = [f"{n} x{c}" for n, c in result.replicas.items() if c > 1]
+    extra += ["traced"] if result.traced else []
     return result.load + (f", {', '.join(extra)}" if extra else "")
 
 
@@ -1065,8 +1111,10 @@ def render_flow(results: list[FlowResult]) -> str:
 def ratios_of(chain_result: ChainResult | None, flows: list[FlowResult]) -> dict[str, float]:
     """The flow against the reference, from this run's rows."""
     saturated = next(
-        (r for r in flows if r.load == "saturation" and max(r.replicas.values()) == 1), None
-    )
+        (r for r in flows
+         if r.load == "saturation" and max(r.replicas.values()) == 1 and not r.traced),
+        None,
+    )  # fmt: skip
     if chain_result is None or saturated is None or chain_result.failed or saturated.failed:
         return {}
     n, m = saturated.orders or 1, chain_result.messages or 1
@@ -1085,6 +1133,55 @@ def ratios_of(chain_result: ChainResult | None, flows: list[FlowResult]) -> dict
         ),
     }
     return {name: round(value, 3) for name, value in ratios.items()}
+
+
+def tracing_of(flows: list[FlowResult]) -> dict[str, float]:
+    """What tracing costs, from this run's plain and traced saturation rows; and what its hooks
+    cost a message when it is off (timed in this process)."""
+    plain = next((r for r in flows if r.load == "saturation" and not r.traced
+                  and max(r.replicas.values()) == 1 and not r.failed), None)  # fmt: skip
+    traced = next((r for r in flows if r.traced and not r.failed), None)
+    out = {"off: hooks per message, ns": round(off_hooks_ns(), 1)}
+    if plain is None or traced is None:
+        return out
+    cpu = [(r.cpu.server_s + r.cpu.processes_s) / (r.orders or 1) for r in (plain, traced)]
+    out |= {
+        "traced orders/s / untraced": round(traced.orders_per_s / plain.orders_per_s, 3),
+        "traced CPU per order / untraced": round(cpu[1] / cpu[0], 3) if cpu[0] else 0.0,
+        "traced functions' CPU ms per order, more": round(
+            (traced.cpu.processes_s - plain.cpu.processes_s) * 1000 / (plain.orders or 1), 3
+        ),
+        "spans per order (warm-up included)": round(
+            traced.spans / (traced.orders + traced.warmup), 2
+        ),
+    }
+    return out
+
+
+def off_hooks_ns(messages: int = 200_000, repeat: int = 5) -> float:
+    """Nanoseconds per message the worker spends on tracing when it is off: one ``with`` of
+    ``OFF.processing`` (a publish costs nothing: the emitter stores with election.store).
+    The best of ``repeat`` loops, less the empty loop's time, as timeit reports."""
+    consumer = ConsumerSpec(durable="bench", stream="ORDERS", events=["orders.created"])
+    msg = object()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        for _ in range(messages):
+            with OFF.processing(msg, consumer):  # type: ignore[arg-type]
+                pass
+        looped = time.perf_counter_ns() - start
+        start = time.perf_counter_ns()
+        for _ in range(messages):
+            pass
+        best = min(best, (looped - (time.perf_counter_ns() - start)) / messages)
+    return best
+
+
+def render_tracing(ratios: dict[str, float]) -> str:
+    out = ["", "tracing (this run: the saturation row with every function exporting spans)"]
+    out += [f"  {name:<52}{value:>9.3f}" for name, value in ratios.items()]
+    return "\n".join(out)
 
 
 def render_ratios(ratios: dict[str, float]) -> str:
@@ -1143,7 +1240,7 @@ def pick_busiest(result: FlowResult) -> tuple[str, str]:
 
 # --- the command line ------------------------------------------------------------
 
-RUNS = ("chain", "saturation", "rates", "replicas", "history", "kv")
+RUNS = ("chain", "saturation", "traced", "rates", "replicas", "history", "kv")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1151,7 +1248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add = p.add_argument
     add("--runs", default="chain,saturation,rates",
-        help=f"which runs, of {', '.join(RUNS)} (default chain,saturation,rates)")  # fmt: skip
+        help=f"which runs, of {', '.join(RUNS)} (default chain,saturation,rates; traced: "
+        "saturation with every function exporting spans)")  # fmt: skip
     add("--orders", type=int, default=800, help="orders per saturation run (default 800)")
     add("--rates", default="100", help="offered rates, orders/s (default 100)")
     add("--duration", type=float, default=5.0, help="seconds each rate is offered (default 5)")
@@ -1248,6 +1346,8 @@ def main(argv: list[str] | None = None) -> int:
     flows: list[FlowResult] = []
     if "saturation" in runs:
         flows.append(run_flow(setup, "saturation", base, orders, None))
+    if "traced" in runs:
+        flows.append(run_flow(setup, "saturation", base, orders, None, traced=True))
     if "rates" in runs:
         for rate in rates:
             offered = make_orders(max(1, round(rate * args.duration)), "bench", args.seed)
@@ -1282,10 +1382,12 @@ def main(argv: list[str] | None = None) -> int:
         profile = profile_run(setup, target, profiled, args.profile_seconds, out)
 
     ratios = ratios_of(chain_result, flows)
+    tracing = tracing_of(flows) if "traced" in runs else {}
     info["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     everything = json.dumps({"machine": info, "settings": settings,
                              "chain": asdict(chain_result) if chain_result else None,
                              "flow": [asdict(r) for r in flows], "ratios_flow_over_chain": ratios,
+                             "tracing": tracing,
                              "busiest": busiest_info, "history": [asdict(r) for r in sized],
                              "kv": kv, "profile": profile})  # fmt: skip
     if args.json_out:
@@ -1302,6 +1404,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nbusiest function: {busiest_info['function']} ({busiest_info['why']})")
         if ratios:
             print(render_ratios(ratios))
+        if tracing:
+            print(render_tracing(tracing))
         if sized:
             print(render_history(sized))
         if kv:

@@ -108,6 +108,19 @@ def kind_of(subject: str) -> str:
     return parse(subject)[1]
 
 
+#: How a subject's template names the order id (OpenTelemetry's destination template).
+ORDER_PARAMETER = "{order_id}"
+
+
+def template(subject: str) -> str:
+    """``subject`` with its order id as a parameter (``order.{order_id}.payments.succeeded``):
+    a name of few values, for span names; a subject without an id is its own."""
+    order_id, kind = parse(subject)
+    if order_id is None:
+        return subject
+    return f"{subject.partition('.')[0]}.{ORDER_PARAMETER}.{kind}"
+
+
 def dead_letter(prefix: str, order_id: str | None, function: str) -> str:
     """``dlq.<ID>.<function>``: an order's dead letters, found by its id."""
     return f"{prefix}.{order_id or NO_ORDER}.{function}"

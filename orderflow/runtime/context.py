@@ -10,8 +10,9 @@
 
 An input with no context (``nats pub``) gets an id from its place in the log,
 ``<stream>:<sequence>`` (even if its publisher gave it a ``Nats-Msg-Id``: the
-position is what lets ``trace`` fetch it without a scan), and a trace id
-derived from its order id. Every id
+position is what lets ``trace`` fetch it without a scan), a trace id
+derived from its order id, and a span id derived from that position
+(:func:`parent_of`: what ``orderflow.runtime.tracing`` makes its spans' parent). Every id
 is derived, never drawn at random: replaying the same inputs yields the same
 headers, and handlers never see any of this.
 """
@@ -40,9 +41,26 @@ def input_event_id(headers: Mapping[str, str], stream: str, sequence: int) -> st
     return headers.get(EVENT_ID) or f"{stream}:{sequence}"
 
 
-def trace_id(headers: Mapping[str, str], order_id: str) -> str:
+def traceparent_of(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(trace id, span id)`` of the ``traceparent`` a message carries, if a valid one."""
     match = _TRACEPARENT.match(headers.get(TRACEPARENT, ""))
-    return match[1] if match else _hex(f"trace:{order_id}", 32)
+    return (match[1], match[2]) if match else None
+
+
+def trace_id(headers: Mapping[str, str], order_id: str) -> str:
+    carried = traceparent_of(headers)
+    return carried[0] if carried else _hex(f"trace:{order_id}", 32)
+
+
+def span_id(event_id: str) -> str:
+    """The span of an event, derived from its id: what its ``traceparent`` names."""
+    return _hex(event_id, 16)
+
+
+def parent_of(headers: Mapping[str, str], order_id: str, input_id: str) -> tuple[str, str]:
+    """``(trace id, span id)`` of a consumed message: its ``traceparent``'s, or for a message
+    without one (``nats pub``) the trace of its order and a span named by its id."""
+    return traceparent_of(headers) or (_hex(f"trace:{order_id}", 32), span_id(input_id))
 
 
 def headers_for(
@@ -60,5 +78,5 @@ def headers_for(
         CAUSATION_ID: cause_id,
         FUNCTION: function,
         # Same trace, a new span per event; sampled.
-        TRACEPARENT: f"00-{trace_id(cause, order_id)}-{_hex(event_id, 16)}-01",
+        TRACEPARENT: f"00-{trace_id(cause, order_id)}-{span_id(event_id)}-01",
     }

@@ -47,6 +47,7 @@ from functions.events import subject_of as kind_of
 from orderflow import subjects
 from orderflow.runtime import election
 from orderflow.runtime.context import headers_for, input_event_id
+from orderflow.runtime.tracing import OFF, Tracer
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 #: The subject (a filter, nats-server 2.11+) the expectation above is checked on.
@@ -123,10 +124,14 @@ def check_emits(function: str, emits: Iterable[str], events: Sequence[Event]) ->
 class Emitter:
     """Publishes what one function emits, each event with the context of its cause."""
 
-    def __init__(self, nc: Client, function: str, emits: Sequence[str]) -> None:
+    def __init__(
+        self, nc: Client, function: str, emits: Sequence[str], tracer: Tracer = OFF
+    ) -> None:
         self.nc = nc
         self.function = function
         self.emits = frozenset(emits)
+        # election.store itself when tracing is off; with it, the same and a send span.
+        self._store = tracer.storing(election.store)
 
     def check(self, events: Sequence[Event]) -> None:
         check_emits(self.function, self.emits, events)
@@ -144,7 +149,7 @@ class Emitter:
             cause_id=cause.id,
         )
         headers |= guard
-        ack = await election.store(self.nc, subject, _encode(event), headers)
+        ack = await self._store(self.nc, subject, _encode(event), headers)
         if ack.error is None:
             return
         if (

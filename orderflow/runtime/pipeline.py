@@ -114,3 +114,16 @@ def failure(event: Event, exc: Exception, attempt: int, max_deliver: int) -> Dea
         reason = f"failed {attempt} attempts; last error: {type(exc).__name__}: {exc}"
         return DeadLetter(reason, error=exc)
     return Again(event, exc)
+
+
+def reason_class(reason: str) -> str:
+    """What a dead letter's reason (as made above) comes to, in a word: the label of the
+    exporter's dead letters and a dead-lettered span's ``error.type``. Anything that is
+    not one of the three kinds of failure was refused at admission (step 2)."""
+    if reason.startswith("delivered ") and "max_deliver" in reason:
+        return "max_deliver"
+    if reason.startswith("permanent failure:"):
+        return "permanent"
+    if reason.startswith("failed ") and "attempts; last error:" in reason:
+        return "retries_exhausted"
+    return "invalid"

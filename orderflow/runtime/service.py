@@ -3,7 +3,8 @@
 SIGTERM and SIGINT stop asking for messages and stop listening for them (the
 server drops the pull requests still open, so what comes next goes to another
 process); messages already in hand are seen through and acked, then the
-connection is flushed and closed. Nothing in hand is dropped.
+connection is flushed and closed, and the spans still buffered are sent (when
+tracing is on). Nothing in hand is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from orderflow.runtime.consumers import Report, ensure_consumers
 from orderflow.runtime.kv import KvStore
 from orderflow.runtime.metrics import Counters, register
 from orderflow.runtime.requests import Responder
+from orderflow.runtime.tracing import tracer_for
 from orderflow.runtime.worker import Worker
 
 log = logging.getLogger("orderflow.runtime.service")
@@ -41,6 +43,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nc = await connect(url, name=f"orderflow-{function}")
+    # OFF unless the extra and the OTEL_* environment ask for spans (orderflow.runtime.tracing).
+    tracer = tracer_for(function, topology.functions[function])
     try:
         # pull_subscribe ignores the config of an existing durable: reconcile
         # it with streams.yaml here, so a changed setting takes effect.
@@ -55,7 +59,7 @@ async def serve(
         loops: list[Awaitable[None]] = []
         if spec.consumers:
             handler = build_handler(topology, function, lambda bucket: KvStore(nc, bucket))
-            worker = Worker(nc, topology, function, handler, leader_reads, counters)
+            worker = Worker(nc, topology, function, handler, leader_reads, counters, tracer)
             loops.append(worker.run(stop))
         if spec.serves:
             responder = build_responder(topology, function)
@@ -73,6 +77,7 @@ async def serve(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.flush(), 2.0)
         await nc.close()
+        tracer.shutdown()  # the spans still buffered, sent before the process exits
 
 
 async def _replicated(nc: Client, topology: Topology, function: str) -> bool:

@@ -50,6 +50,7 @@ from orderflow.runtime.logs import fields
 from orderflow.runtime.metrics import Counters
 from orderflow.runtime.pipeline import Handler
 from orderflow.runtime.pull import Puller
+from orderflow.runtime.tracing import OFF, Tracer
 
 #: The messages in hand, by reply subject (unique per delivery): the message and
 #: when the server last heard from us about it.
@@ -82,13 +83,15 @@ class Worker:
         handler: Handler,
         leader_reads: bool = False,
         counters: Counters | None = None,
+        tracer: Tracer = OFF,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.name = function
         self.spec: FunctionSpec = topology.functions[function]
         self.handler = handler
-        self.emitter = Emitter(nc, function, self.spec.emits)
+        self.tracer = tracer
+        self.emitter = Emitter(nc, function, self.spec.emits, tracer)
         self.reads = frozenset(self.spec.reads)
         # An order's history lives where its events are stored.
         self.log = OrderLog(nc, topology.events_stream, leader_only=leader_reads)
@@ -131,7 +134,8 @@ class Worker:
     async def process(self, msg: Msg, consumer: ConsumerSpec, held: Held) -> None:
         held[msg.reply] = (msg, time.monotonic())  # from now on _keep_alive vouches for it
         try:
-            await self._process(msg, consumer)
+            with self.tracer.processing(msg, consumer):
+                await self._process(msg, consumer)
         except Exception:
             # Publishing, acking or dead-lettering failed (the server went
             # away): the message stays unacked and comes back after ack_wait.
@@ -178,11 +182,11 @@ class Worker:
             )  # fmt: skip
             await msg.nak(delay=delay)
             self.counters.retried += 1
+            self.tracer.retrying(attempt, delay, error)
             await self._note_retry(msg, event, delay, error)
             return
         await msg.ack()
-        self.counters.processed += 1
-        self.counters.processing_ns += time.perf_counter_ns() - started
+        self.counters.handled(time.perf_counter_ns() - started)
         if log.isEnabledFor(logging.DEBUG):
             outputs = ", ".join(subject_of(type(e)) for e in outcome.events) or "nothing"
             log.debug("%s: %s for order %s -> %s", self.name, kind, event.order_id,
@@ -199,6 +203,7 @@ class Worker:
             await self.emitter.emit(letter.rejection, Cause.of(msg), message_id=rejection_id)
         await self.dead_letters.add(msg, letter.reason)
         self.counters.dead_lettered += 1
+        self.tracer.dead_lettered(letter.reason, letter.error)
 
     def _failed(self, exc: Exception) -> None:
         self.counters.failed += 1

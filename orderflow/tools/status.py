@@ -66,7 +66,7 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
         row.update(pending=0, unacked=0, redelivered=0)
         paused_now = False
         for consumer in fn.consumers:
-            info = await _unless_electing(js.consumer_info(consumer.stream, consumer.durable))
+            info = await unless_electing(js.consumer_info(consumer.stream, consumer.durable))
             if info is None:
                 row.update(pending=None, unacked=None, redelivered=None)
                 break
@@ -77,9 +77,9 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
         dlq = topology.dead_letters
         # Filed under the order (dlq.<ID>.<function>): the subject index counts them.
         subject = subjects.dead_letter(dlq.subject_prefix, "*", name)
-        info = await _unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
+        info = await unless_electing(js.stream_info(dlq.stream, subjects_filter=subject))
         row["dead_letters"] = None if info is None else sum((info.state.subjects or {}).values())
-        pause = await _unless_electing(interventions.pause_of(nc, topology, name, paused_now))
+        pause = await unless_electing(interventions.pause_of(nc, topology, name, paused_now))
         row["paused"] = interventions.describe(pause) if pause else None
         return row
 
@@ -90,7 +90,7 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
     streams = {}
     names = [s.name for s in topology.streams] + [stream_name(b.name) for b in topology.buckets]
     for stream in names:
-        info = await _unless_electing(js.stream_info(stream))
+        info = await unless_electing(js.stream_info(stream))
         if info is None:
             streams[stream] = dict.fromkeys(("messages", "bytes", "replicas", "current", "leader"))
             continue
@@ -108,7 +108,7 @@ async def collect(nc: Client, topology: Topology) -> dict[str, Any]:
     return {"functions": functions, "streams": streams}
 
 
-async def _unless_electing(request: Awaitable[T]) -> T | None:
+async def unless_electing(request: Awaitable[T]) -> T | None:
     """The answer, or None when nobody gives one: in a cluster, a stream or consumer
     that lost its leader answers nothing until another is elected (seconds)."""
     try:

@@ -172,6 +172,28 @@ async def read_subject(
     return every
 
 
+async def matches_from(nc: Client, stream: str, subject_filter: str, first: int) -> int:
+    """How many messages on ``subject_filter`` are stored from sequence ``first`` on, counted
+    by the subject index (from near the end: the cost of the messages after ``first``)."""
+    found, pending = await direct_batch(
+        nc, stream, {"seq": first, "next_by_subj": subject_filter, "batch": 1}
+    )
+    return len(found) + pending if found else 0
+
+
+async def matches_between(
+    nc: Client, stream: str, subject_filter: str, first: int, end: int
+) -> int:
+    """How many messages on ``subject_filter`` are stored from ``first`` to ``end``, both in."""
+    if end < first:
+        return 0
+    upto, after = await asyncio.gather(
+        matches_from(nc, stream, subject_filter, first),
+        matches_from(nc, stream, subject_filter, end + 1),
+    )
+    return max(0, upto - after)
+
+
 async def read_at(nc: Client, stream: str, sequence: int, timeout: float = 5.0) -> Stored | None:
     """The message at ``sequence``, or ``None`` (gone, or never there)."""
     msg = await nc.request(

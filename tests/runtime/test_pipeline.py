@@ -82,3 +82,18 @@ async def test_a_permanent_failure_is_given_up_at_once(topology: Topology) -> No
     letter = await outcome(topology, Permanent("no such SKU"), attempt=1)
     assert isinstance(letter, pipeline.DeadLetter)
     assert letter.reason == "permanent failure: no such SKU"
+
+
+async def test_every_kind_of_dead_letter_reason_has_its_class(topology: Topology) -> None:
+    """The word the exporter's labels and the spans' error.type use, from the reasons made here."""
+    too_often = admit(topology, "payment", "orders.created", b"{}", attempt=9)
+    invalid = admit(topology, "payment", "orders.created", payload(order("o-1", BOOK_42=0)))
+    garbage = admit(topology, "payment", "orders.created", b"not json")
+    exhausted = await outcome(topology, ConnectionError("away"), attempt=8)
+    permanent = await outcome(topology, Permanent("no such SKU"))
+    undeclared = await outcome(topology, [PAID])
+    letters = [too_often, invalid, garbage, exhausted, permanent, undeclared]
+    assert all(isinstance(letter, pipeline.DeadLetter) for letter in letters)
+    classes = [pipeline.reason_class(letter.reason) for letter in letters]  # type: ignore[union-attr]
+    assert classes == ["max_deliver", "invalid", "invalid", "retries_exhausted", "permanent",
+                       "permanent"]  # fmt: skip

@@ -22,7 +22,7 @@ from functions.events import OrderCreated
 from orderflow import subjects
 from orderflow.config import Topology
 from orderflow.tools import status
-from orderflow.tools.streamlog import Stored, direct_batch
+from orderflow.tools.streamlog import Stored, direct_batch, matches_between
 
 #: Orders a list shows at most.
 LIST_LIMIT = 50
@@ -56,14 +56,6 @@ def edge_name(kind: str, function: str) -> str:
     return f"{kind} -> {function}"
 
 
-async def matches_from(nc: Client, stream: str, subject_filter: str, first: int) -> int:
-    """How many messages on ``subject_filter`` are stored from sequence ``first`` on."""
-    found, pending = await direct_batch(
-        nc, stream, {"seq": first, "next_by_subj": subject_filter, "batch": 1}
-    )
-    return len(found) + pending if found else 0
-
-
 class EdgeCounts:
     """Events of each kind over the last minute, counted as they are stored.
 
@@ -91,7 +83,7 @@ class EdgeCounts:
                 continue  # the first look: counting starts here
             first, end = self._seen[stream] + 1, ends[stream]
             counts = await asyncio.gather(*(
-                _between(nc, stream, f, first, end) for f in subjects.filters(kind)
+                matches_between(nc, stream, f, first, end) for f in subjects.filters(kind)
             ))  # fmt: skip
             fresh[kind] = sum(counts)
         self._seen.update(ends)
@@ -99,16 +91,6 @@ class EdgeCounts:
         while self._window and self._window[0][0] < now - timedelta(minutes=1):
             self._window.popleft()
         return {k: sum(c.get(k, 0) for _, c in self._window) for k in self.kinds}
-
-
-async def _between(nc: Client, stream: str, subject_filter: str, first: int, end: int) -> int:
-    if end < first:
-        return 0
-    upto, after = await asyncio.gather(
-        matches_from(nc, stream, subject_filter, first),
-        matches_from(nc, stream, subject_filter, end + 1),
-    )
-    return max(0, upto - after)
 
 
 async def snapshot(nc: Client, topology: Topology, now: datetime, counts: EdgeCounts) -> Snapshot:

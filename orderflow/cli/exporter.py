@@ -1,0 +1,63 @@
+"""``exporter``: the whole flow's metrics for Prometheus, over NATS (orderflow.tools.exporter).
+
+Against whichever server the other commands use (NATS_URL, the embedded one
+of a running ``up``, as its admin under ``--secure``). Listens on loopback
+unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from types import ModuleType
+
+from orderflow.cli.common import connected
+from orderflow.config import Topology
+
+#: The exporter's defaults, repeated here: orderflow.tools.exporter needs its extra.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8471
+
+HELP = "every function's metrics for Prometheus: one scrape target for the whole flow"
+
+
+def add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; 0: any free one)")  # fmt: skip
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (default 127.0.0.1: this machine)")  # fmt: skip
+
+
+def run(args: argparse.Namespace, topology: Topology) -> int:
+    return asyncio.run(_exporter(args, topology))
+
+
+def metrics_stack() -> ModuleType:
+    """orderflow.tools.exporter, which needs the extra ``exporter`` (prometheus_client)."""
+    try:
+        from orderflow.tools import exporter  # prometheus_client only where an exporter runs
+    except ImportError as exc:
+        raise SystemExit(
+            f"the exporter needs its extra: pip install -e '.[exporter]' ({exc})"
+        ) from None
+    return exporter
+
+
+async def _exporter(args: argparse.Namespace, topology: Topology) -> int:
+    exporter = metrics_stack()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def started(url: str) -> None:
+        print(f"exporter on {url} ({topology.mode})", file=sys.stderr, flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {args.host}, reachable beyond this machine",
+                  file=sys.stderr)  # fmt: skip
+
+    async with connected("exporter") as nc:
+        await exporter.serve(nc, topology, stop, args.host, args.port, started)
+    return 0
