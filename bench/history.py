@@ -169,6 +169,7 @@ def _headers(event: Event, function: str, cause: dict[str, str], cause_id: str) 
         function=function,
         cause=cause,
         cause_id=cause_id,
+        schema_version=event.schema_version,
     ) | {EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
 
 

@@ -109,6 +109,7 @@ class Emitter:
             function=self.function,
             cause=cause_headers,
             cause_id=input_event_id(cause_headers, meta.stream, meta.sequence.stream),
+            schema_version=event.schema_version,
         )
         headers |= guard
         ack = await election.store(self.nc, subject, _encode(event), headers)

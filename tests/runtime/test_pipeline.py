@@ -19,7 +19,7 @@ def admit(
     topology: Topology, function: str, subject: str, data: bytes, attempt: int = 1
 ) -> Event | pipeline.DeadLetter:
     spec = topology.functions[function]
-    return pipeline.admit(spec, subject, data, attempt, 8, topology.limits, 65536)
+    return pipeline.admit(spec, subject, data, {}, attempt, 8, topology.limits, 65536)
 
 
 def test_a_message_delivered_past_max_deliver_is_given_up_before_decoding(
