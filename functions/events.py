@@ -160,7 +160,16 @@ class StockReleased(Event, tag="stock.released", frozen=True):
 
 
 class DeliveryScheduled(Event, tag="delivery.scheduled", frozen=True):
+    """A delivery is booked: ``tracking_id`` is the ``carrier``'s.
+
+    Version 2 added ``carrier``, required: a version 1 event is upgraded with the
+    one carrier there was then (``functions/upcasters.py``).
+    """
+
+    schema_version = 2
+
     tracking_id: str
+    carrier: Annotated[str, Meta(min_length=1, max_length=64)]
 
 
 # --- commands (orchestration mode) -------------------------------------------

@@ -30,8 +30,21 @@ from functions.events import EVENT_CLASSES, Event, subject_of
 Payload = dict[str, object]
 Upcaster = Callable[[Payload], Payload]
 
+#: The carrier of every delivery version 1 scheduled: the built-in one, the only one then. A
+#: fact about the past, so not ``functions.delivery.CARRIER``, which may change.
+V1_CARRIER = "orderflow-post"
+
+
+def delivery_scheduled_1_to_2(payload: Payload) -> Payload:
+    """``carrier`` is new and required: a version 1 delivery was booked with the one carrier
+    there was. One that says a carrier (a writer that left out the header) keeps it."""
+    return {"carrier": V1_CARRIER, **payload}
+
+
 #: (kind, the version it upgrades from) -> the upcaster to the next version.
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    ("delivery.scheduled", 1): delivery_scheduled_1_to_2,
+}
 
 
 def gaps(

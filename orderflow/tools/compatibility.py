@@ -142,6 +142,8 @@ def _message(kind: str, old: Side, new: Side) -> list[Change]:
                 "upcasters",
             )
         )
+        grown = sorted(_paths(new_doc, new_payload) - _paths(old_doc, old_payload))
+        changes += [Change(f"{kind} {path}", f"added in version {now}") for path in grown]
     elif now > before:
         changes.append(
             Change(

@@ -153,27 +153,26 @@ def test_a_removed_message_or_channel_breaks_both_ways(doc: JSON) -> None:
 def test_a_new_version_is_covered_by_its_upcasters_while_the_old_one_is_still_read(
     doc: JSON,
 ) -> None:
-    def carrier_required(new: JSON, read: list[str]) -> None:
-        message = new["components"]["messages"]["delivery.scheduled"]
+    def code_required(new: JSON, read: list[str]) -> None:
+        message = new["components"]["messages"]["payments.failed"]
         message[contract.VERSION_KEY] = 2
         message["headers"]["properties"][SCHEMA_VERSION]["enum"] = read
-        scheduled = schema(new, "DeliveryScheduled")
-        scheduled["properties"]["carrier"] = {"type": "string"}
-        scheduled["required"].append("carrier")
+        failed = schema(new, "PaymentFailed")
+        failed["properties"]["code"] = {"type": "string"}
+        failed["required"].append("code")
 
-    report = compare(doc, changed(doc, lambda new: carrier_required(new, ["1", "2"])))
+    report = compare(doc, changed(doc, lambda new: code_required(new, ["1", "2"])))
     assert report.ok, report.render("old")
-    assert (
-        Change(
-            "delivery.scheduled",
-            "schema version 1 -> 2: what old writers wrote is upgraded by the upcasters",
-        )
-        in report.changes
-    )
-    dropped = compare(doc, changed(doc, lambda new: carrier_required(new, ["2"])))
+    upgraded = "schema version 1 -> 2: what old writers wrote is upgraded by the upcasters"
+    assert Change("payments.failed", upgraded) in report.changes
+    assert Change("payments.failed $.code", "added in version 2") in report.changes
+    dropped = compare(doc, changed(doc, lambda new: code_required(new, ["2"])))
     assert breaking(dropped) == {
-        ("backward", "delivery.scheduled", "schema version 1 -> 2, and 1 is read no more")
+        ("backward", "payments.failed", "schema version 1 -> 2, and 1 is read no more")
     }
+    # A version going back is no upgrade at all.
+    back = compare(changed(doc, lambda old: code_required(old, ["1", "2"])), doc)
+    assert ("backward", "payments.failed", "schema version back from 2 to 1") in breaking(back)
 
 
 def test_an_added_optional_field_is_compatible(doc: JSON) -> None:
@@ -214,3 +213,35 @@ def test_the_command_names_each_breaking_change_and_fails(doc: JSON, tmp_path: P
     junk = subprocess.run([*run, str(tmp_path / "junk.json")], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     assert junk.returncode == 2 and "not an AsyncAPI 3 document" in junk.stderr
+
+
+#: contract/asyncapi.json as committed before delivery.scheduled's version 2 (the carrier).
+BEFORE_CARRIER = Path(__file__).resolve().parent / "fixtures" / "asyncapi_before_carrier.json"
+
+
+def test_the_carrier_came_in_compatibly_and_would_not_have_for_strict_readers(doc: JSON) -> None:
+    before = contract.load(BEFORE_CARRIER)
+    assert before["components"]["messages"]["delivery.scheduled"][contract.VERSION_KEY] == 1
+    report = compare(before, doc)
+    assert report.ok, report.render(BEFORE_CARRIER.name)
+    assert [c for c in report.changes if c.where.startswith("delivery.scheduled")] == [
+        Change(
+            "delivery.scheduled",
+            "schema version 1 -> 2: what old writers wrote is upgraded by the upcasters",
+        ),
+        Change("delivery.scheduled $.carrier", "added in version 2"),
+    ]
+
+    # Old readers that refused unknown fields (as every one did before tolerant readers)
+    # would have dead-lettered each new delivery.scheduled: the check says so.
+    def strict(old: JSON) -> None:
+        for component in old["components"]["schemas"].values():
+            component["additionalProperties"] = False
+
+    assert breaking(compare(changed(before, strict), doc)) == {
+        (
+            "forward",
+            "delivery.scheduled $.carrier",
+            "writers write it, and readers refuse properties they do not know",
+        )
+    }

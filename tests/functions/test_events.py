@@ -194,7 +194,7 @@ ONE_OF_EACH: list[Event] = [
     StockReserved("o-1", items=[StockLine("SKU-1", 1)]),
     StockUnavailable("o-1", shortages=[Shortage("SKU-1", 2, 1)]),
     StockReleased("o-1", items=[]),
-    DeliveryScheduled("o-1", tracking_id="TRK-1"),
+    DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post"),
     ChargePayment("o-1", 1, order=PLACED),
     RefundPayment("o-1", 2, reason="out of stock: SKU-1 (wanted 2, 1 left)"),
     ReserveStock("o-1", 1, order=PLACED),
@@ -212,7 +212,10 @@ ONE_OF_EACH: list[Event] = [
 
 def test_message_ids_name_each_attempt_of_a_command() -> None:
     # An event is emitted once per order; a command or an alarm once per attempt.
-    assert event_id(DeliveryScheduled("o-1", tracking_id="T")) == "delivery.scheduled:o-1"
+    assert (
+        event_id(DeliveryScheduled("o-1", tracking_id="T", carrier="orderflow-post"))
+        == "delivery.scheduled:o-1"
+    )
     assert event_id(ChargePayment("o-1", 2, order=PLACED)) == "saga.payment.charge:o-1:2"
     alarm = StepTimedOut("o-1", "stock", 3, delay_ms=1)
     assert event_id(alarm) == "saga.timeout:o-1:stock:3"

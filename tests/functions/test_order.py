@@ -29,7 +29,7 @@ REFUNDED = PaymentRefunded("o-1", 3000, charge_id="ch_1")
 RESERVED = StockReserved("o-1", LINES)
 UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 1)])
 RELEASED = StockReleased("o-1", LINES)
-SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1")
+SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
 
 COMPLETED = OrderCompleted("o-1", tracking_id="TRK-1")
 OUT_OF_STOCK = "out of stock: BOOK-42 (wanted 2, 1 left)"

@@ -1,12 +1,17 @@
-"""functions.upcasters: every step from version 1 to each kind's current one, and nothing else."""
+"""functions.upcasters: every step from version 1 to each kind's current one, and nothing else;
+each step on recorded events."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import msgspec
 import pytest
 
-from functions import upcasters
-from functions.events import EVENT_CLASSES, DeliveryScheduled, Event
+from functions import delivery, upcasters
+from functions.events import EVENT_CLASSES, DeliveryScheduled, Event, StockReserved
 from functions.upcasters import UPCASTERS, Payload, gaps
+from orderflow.tools import recording
 
 
 def test_every_kind_can_be_upgraded_from_every_older_version() -> None:
@@ -48,3 +53,31 @@ def test_steps_are_applied_in_turn_and_only_to_objects(monkeypatch: pytest.Monke
     assert upcasters.upgrade("test.kind", 3, original, 3) is original
     # Not an object: nothing to upgrade, the decoder says what is wrong with it.
     assert upcasters.upgrade("test.kind", 1, ["o-1"], 3) == ["o-1"]
+
+
+OLD_SCHEMA = Path(__file__).resolve().parents[1] / "recordings" / "mixed_300_schema_v1.jsonl"
+
+
+def test_every_recorded_version_1_delivery_upgrades_to_what_delivery_writes_now() -> None:
+    recorded = [
+        msgspec.json.decode(r.data)
+        for r in recording.read(OLD_SCHEMA)
+        if r.subject.endswith(".delivery.scheduled")
+    ]
+    assert len(recorded) > 100 and not any("carrier" in payload for payload in recorded)
+    for payload in recorded:
+        before = dict(payload)
+        upgraded = upcasters.upgrade("delivery.scheduled", 1, payload, 2)
+        assert payload == before  # pure
+        event = msgspec.convert(upgraded, DeliveryScheduled)
+        # The very event today's delivery writes for the order.
+        assert [event] == delivery.decide(event.order_id, StockReserved(event.order_id, []))
+
+
+def test_the_carrier_of_version_1_is_a_fact_about_then() -> None:
+    assert upcasters.V1_CARRIER == delivery.CARRIER == "orderflow-post"  # as of version 2
+    one: Payload = {"type": "delivery.scheduled", "order_id": "o-1", "tracking_id": "TRK-1"}
+    assert upcasters.delivery_scheduled_1_to_2(one) == one | {"carrier": "orderflow-post"}
+    # One that says its carrier (its writer left the header out) keeps it.
+    said = one | {"carrier": "dhl"}
+    assert upcasters.delivery_scheduled_1_to_2(said) == said

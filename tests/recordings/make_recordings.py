@@ -7,6 +7,11 @@ process, orders published as plain core messages (like `nats pub`), a wait
 until everything is settled, then `runner.py record` writes the ORDERS stream
 here. Rerun it after a deliberate change of behaviour, and review the diff.
 A scenario whose name starts with ``orchestration_`` runs in that mode.
+
+``mixed_300_schema_v1.jsonl`` is not made here, on purpose: recorded before
+``delivery.scheduled`` had a carrier (its schema version 1) and before events
+said their version, it stays to be replayed through the upcasters
+(``functions/upcasters.py``, ``tests/e2e/test_replay.py``).
 """
 
 from __future__ import annotations

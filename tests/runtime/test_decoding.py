@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from functions.events import OrderCreated
+from functions.events import DeliveryScheduled, OrderCreated
+from functions.upcasters import UPCASTERS, V1_CARRIER, Payload
 from orderflow.runtime.context import SCHEMA_VERSION
 from orderflow.runtime.decoding import Invalid, decode, version_in
 from orderflow.tools.demo import payload
@@ -58,3 +59,41 @@ def test_the_current_version_reads_as_before() -> None:
     got = decode("orders.created", payload(order("o-1", BOOK_42=0)), current, MAX_PAYLOAD)
     assert isinstance(got, Invalid) and got.reason.endswith("- at `$.items[0].quantity`")
     assert "written with" not in got.reason
+
+
+V1 = b'{"type": "delivery.scheduled", "order_id": "o-1", "tracking_id": "TRK-1"}'
+SCHEDULED = "order.o-1.delivery.scheduled"
+
+
+def test_an_older_version_is_upgraded_before_it_is_decoded() -> None:
+    upgraded = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier=V1_CARRIER)
+    assert decode(SCHEDULED, V1, {}, MAX_PAYLOAD) == upgraded  # no header: version 1
+    assert decode(SCHEDULED, V1, {SCHEMA_VERSION: "1"}, MAX_PAYLOAD) == upgraded
+
+
+def test_an_upcaster_is_no_default_for_the_current_version() -> None:
+    # A version 2 writer must say the carrier: only version 1 is upgraded.
+    got = decode(SCHEDULED, V1, {SCHEMA_VERSION: "2"}, MAX_PAYLOAD)
+    assert got == Invalid("invalid delivery.scheduled: Object missing required field `carrier`")
+
+
+def test_what_an_old_version_lacks_is_still_named_after_the_upgrade() -> None:
+    got = decode(SCHEDULED, b'{"order_id": "o-1"}', {}, MAX_PAYLOAD)
+    assert got == Invalid("invalid delivery.scheduled: Object missing required field `tracking_id`")
+    got = decode(SCHEDULED, b'["o-1", "TRK-1"]', {}, MAX_PAYLOAD)
+    assert got == Invalid("invalid delivery.scheduled: Expected `object`, got `array`")
+    got = decode(SCHEDULED, b'{"order_id": "o-1", "tracking_id": 7}', {}, MAX_PAYLOAD)
+    assert got == Invalid(
+        "invalid delivery.scheduled: Expected `str`, got `int` - at `$.tracking_id`"
+    )
+
+
+def test_an_upcaster_that_fails_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(payload: Payload) -> Payload:
+        raise KeyError("tracking_id")
+
+    monkeypatch.setitem(UPCASTERS, ("delivery.scheduled", 1), broken)
+    got = decode(SCHEDULED, V1, {}, MAX_PAYLOAD)
+    assert got == Invalid(
+        "invalid delivery.scheduled: version 1 could not be upgraded to 2: KeyError: 'tracking_id'"
+    )

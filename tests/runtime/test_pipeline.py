@@ -60,7 +60,7 @@ async def outcome(
 
 
 async def test_what_the_handler_returns_is_emitted(topology: Topology) -> None:
-    scheduled = DeliveryScheduled("o-1", tracking_id="TRK-1")
+    scheduled = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
     assert await outcome(topology, [scheduled]) == pipeline.Emit(PAID, [scheduled])
 
 
