@@ -213,5 +213,7 @@ async def test_a_rolling_deploy_runs_old_and_new_payment_side_by_side(
     assert by_new and by_new != set(paid)
     assert not by_new & set(before)  # the old code alone: none
     assert {i for i in after if i in paid} <= by_new  # the new code alone: all
+    side_by_side = {i for i in during if i in paid}
+    assert side_by_side & by_new and side_by_side - by_new, "one process took every order"
     delivered = {i for i in by_new if "delivery.scheduled" in seen[i]}
     assert delivered, "no delivery read a payment of the new version"
