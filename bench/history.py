@@ -64,7 +64,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from functions.delivery import tracking_id
+from functions.delivery import CARRIER, tracking_id
 from functions.events import (
     DeliveryScheduled,
     Event,
@@ -169,6 +169,7 @@ def _headers(event: Event, function: str, cause: dict[str, str], cause_id: str) 
         function=function,
         cause=cause,
         cause_id=cause_id,
+        schema_version=event.schema_version,
     ) | {EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
 
 
@@ -211,7 +212,7 @@ class Generator:
             (paid, _headers(paid, "payment", {}, ingress)),
             (reserved, _headers(reserved, "stock", {}, ingress)),
         ]
-        scheduled = DeliveryScheduled(oid, tracking_id=tracking_id(oid))
+        scheduled = DeliveryScheduled(oid, tracking_id=tracking_id(oid), carrier=CARRIER)
         steps.append((scheduled, _headers(scheduled, "delivery", steps[1][1], event_id(reserved))))
         done = OrderCompleted(oid, tracking_id=scheduled.tracking_id)
         steps.append((done, _headers(done, "order", steps[2][1], event_id(scheduled))))

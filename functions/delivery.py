@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from functions.events import DeliveryScheduled, Event, PaymentSucceeded, StockReserved
 from functions.history import History
 
+#: The carrier deliveries are booked with: the built-in, simulated one.
+CARRIER = "orderflow-post"
+
 
 def tracking_id(order_id: str) -> str:
     # Derived, not drawn: a replay or a redelivery must produce the same id.
@@ -34,7 +37,7 @@ def decide(order_id: str, other: Event | None) -> list[Event]:
     """Pure: what one half emits, given whether the other half is stored."""
     if other is None:
         return []  # the other half's handler will find this one
-    return [DeliveryScheduled(order_id, tracking_id=tracking_id(order_id))]
+    return [DeliveryScheduled(order_id, tracking_id=tracking_id(order_id), carrier=CARRIER)]
 
 
 async def handle(event: Event, history: History) -> Sequence[Event]:

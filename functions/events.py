@@ -9,11 +9,22 @@ Validation happens here, at the boundary: bounds on quantities, prices, list
 lengths and identifiers are part of the types, so a bad message fails to decode
 with an error naming its path (``Expected `int` >= 1 - at `$.items[0].quantity```)
 and never reaches a handler. Money is always integer cents.
+
+Tolerant readers, strict writers: a field the contract does not know is
+ignored on read (a storefront may add a coupon code to its orders; a newer
+function may add a field to its event while older ones still run), and what a
+function emits is encoded from these Structs, so it is exactly the contract.
+Wrong types, missing required fields and bounds still fail, naming the path.
+
+Each event class says its schema version (``schema_version``); an event
+written with an older one is upgraded on read by the upcasters next to this
+module (``functions/upcasters.py``), so handlers only ever see the current
+version. docs/contract.md says when a version changes.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -30,8 +41,17 @@ Cents = Annotated[int, Meta(ge=0, le=100_000_000)]
 Reason = Annotated[str, Meta(max_length=500)]
 
 
-class Event(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
-    """Base of every event: each one belongs to exactly one order."""
+class Event(msgspec.Struct, frozen=True, tag_field="type"):
+    """Base of every event: each one belongs to exactly one order.
+
+    Unknown fields are ignored on read (no ``forbid_unknown_fields``, here or
+    in the Structs events embed): see the module docstring.
+    """
+
+    #: The version of this kind's schema that this code writes (and reads; older
+    #: ones are upgraded first). Raised only for a change old events need an
+    #: upcaster for; an added optional field keeps it.
+    schema_version: ClassVar[int] = 1
 
     order_id: OrderId
 
@@ -42,18 +62,18 @@ class AnyOrderId(msgspec.Struct):
     order_id: OrderId
 
 
-class OrderItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class OrderItem(msgspec.Struct, frozen=True):
     sku: Sku
     quantity: Quantity
     unit_price_cents: Cents
 
 
-class StockLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class StockLine(msgspec.Struct, frozen=True):
     sku: Sku
     quantity: int
 
 
-class Shortage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Shortage(msgspec.Struct, frozen=True):
     sku: Sku
     requested: int
     available: int
@@ -144,7 +164,16 @@ class StockReleased(Event, tag="stock.released", frozen=True):
 
 
 class DeliveryScheduled(Event, tag="delivery.scheduled", frozen=True):
+    """A delivery is booked: ``tracking_id`` is the ``carrier``'s.
+
+    Version 2 added ``carrier``, required: a version 1 event is upgraded with the
+    one carrier there was then (``functions/upcasters.py``).
+    """
+
+    schema_version = 2
+
     tracking_id: str
+    carrier: Annotated[str, Meta(min_length=1, max_length=64)]
 
 
 class DeliveryCancelled(Event, tag="delivery.cancelled", frozen=True):
@@ -280,7 +309,7 @@ DELIVERY_DECISIONS: tuple[type[Event], ...] = (DeliveryScheduled, DeliveryCancel
 # at once (NATS request/reply). What the answer changes is stored as events.
 
 
-class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class CancelRequest(msgspec.Struct, frozen=True):
     """Cancel an order (``orders.cancel``), e.g. because the customer changed their mind.
 
     ``request_id`` names the request: asking again with the same id (an answer

@@ -6,7 +6,11 @@
 * ``Orderflow-Correlation-Id``: the order id, shared by every event of the order;
 * ``Orderflow-Causation-Id``: the id of the event that caused this one;
 * ``Orderflow-Function``: the function that emitted it;
-* ``traceparent``: W3C trace context, continued from the input.
+* ``traceparent``: W3C trace context, continued from the input;
+* ``Orderflow-Schema-Version``: the version of its kind's schema the payload
+  was written with (``functions/events.py``); a message without it is version
+  1, so ``nats pub`` needs none, and older versions are upgraded on read
+  (``functions/upcasters.py``, ``orderflow/runtime/decoding.py``).
 
 An input with no context (``nats pub``) gets an id from its place in the log,
 ``<stream>:<sequence>`` (even if its publisher gave it a ``Nats-Msg-Id``: the
@@ -28,6 +32,7 @@ CORRELATION_ID = "Orderflow-Correlation-Id"
 CAUSATION_ID = "Orderflow-Causation-Id"
 FUNCTION = "Orderflow-Function"
 TRACEPARENT = "traceparent"
+SCHEMA_VERSION = "Orderflow-Schema-Version"
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
@@ -70,6 +75,7 @@ def headers_for(
     function: str,
     cause: Mapping[str, str],
     cause_id: str,
+    schema_version: int,
 ) -> dict[str, str]:
     """Headers of an event emitted by ``function`` in answer to a message with headers ``cause``."""
     return {
@@ -79,4 +85,5 @@ def headers_for(
         FUNCTION: function,
         # Same trace, a new span per event; sampled.
         TRACEPARENT: f"00-{trace_id(cause, order_id)}-{span_id(event_id)}-01",
+        SCHEMA_VERSION: str(schema_version),
     }

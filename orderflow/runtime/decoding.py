@@ -1,24 +1,67 @@
-"""Bytes on a subject -> an event, or the reason why not.
+"""Bytes on a subject -> an event at the current version of its schema, or the reason why not.
 
-Shared by the pull loop and the offline replayer, so a recording replays
-through exactly the validation the live system applies.
+Shared by the pull loop, the order's history and the offline replayer, so a
+recording replays through exactly the validation the live system applies.
+
+A message says the schema version it was written with in its
+``Orderflow-Schema-Version`` header (``orderflow.runtime.context``); none
+means 1. One written with an older version than this code's goes through the
+upcasters (``functions/upcasters.py``) as JSON first, then into its Struct;
+one at the current version goes straight into it, the fast way. One written
+with a *newer* version is read as the current one (tolerant readers: a newer
+writer's added fields are ignored); if that fails, the reason says which
+version wrote it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
+from functions import upcasters
 from functions.events import EVENT_TYPES, AnyOrderId, Event
 from orderflow import limits as limits_mod
 from orderflow import subjects
 from orderflow.limits import Limits
+from orderflow.runtime.context import SCHEMA_VERSION
 
 _decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()}
 _order_id = msgspec.json.Decoder(AnyOrderId)
+
+
+def version_in(headers: Mapping[str, str]) -> int:
+    """The schema version a message says it was written with (none: 1); ``ValueError``
+    if the header is not a version."""
+    given = headers.get(SCHEMA_VERSION)
+    if given is None:
+        return 1
+    if not (given.isascii() and given.isdigit()) or int(given) < 1:
+        raise ValueError(f"header {SCHEMA_VERSION}: {given!r} is not a schema version (1, 2, ...)")
+    return int(given)
+
+
+def as_current(kind: str, data: bytes, version: int) -> object:
+    """The payload as JSON, upgraded from ``version`` to the current version of ``kind``."""
+    payload = msgspec.json.decode(data)
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        return payload
+    return upcasters.upgrade(kind, version, payload, cls.schema_version)
+
+
+def read(kind: str, data: bytes, version: int) -> Event:
+    """The event of ``kind`` in ``data``, written with schema ``version``; raises what msgspec
+    raises for a message that is not one (``ValidationError`` names the path)."""
+    cls = EVENT_TYPES[kind]
+    if version >= cls.schema_version:
+        event: Event = _decoders[kind].decode(data)
+        return event
+    upgraded: Event = msgspec.convert(as_current(kind, data, version), cls)
+    return upgraded
 
 
 @dataclass(frozen=True)
@@ -29,23 +72,42 @@ class Invalid:
 
 
 def decode(
-    subject: str, data: bytes, max_payload: int, limits: Limits | None = None
+    subject: str,
+    data: bytes,
+    headers: Mapping[str, str],
+    max_payload: int,
+    limits: Limits | None = None,
 ) -> Event | Invalid:
     """The event on ``subject`` (``orderflow.subjects``: its kind, and its order id but
-    for payload-only ingress), or why not."""
+    for payload-only ingress) with ``headers`` (its schema version), or why not."""
     if len(data) > max_payload:
         return Invalid(f"payload of {len(data)} bytes exceeds max_payload {max_payload}")
     order_id, kind = subjects.parse(subject)
-    decoder = _decoders.get(kind)
-    if decoder is None:
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
         return Invalid(f"no event type is published on {subject}", rejectable=False)
     try:
-        event: Event = decoder.decode(data)
-    except msgspec.ValidationError as exc:
+        version = version_in(headers)
+    except ValueError as exc:
         return Invalid(f"invalid {kind}: {exc}")
+    try:
+        event = read(kind, data, version)
+    except msgspec.ValidationError as exc:
+        newer = (
+            f" (written with schema version {version}; this reader knows up to "
+            f"{cls.schema_version})"
+            if version > cls.schema_version
+            else ""
+        )
+        return Invalid(f"invalid {kind}: {exc}{newer}")
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
         return Invalid(f"{kind} is not valid JSON: {exc}")
+    except Exception as exc:  # an upcaster that could not take what the message holds
+        return Invalid(
+            f"invalid {kind}: version {version} could not be upgraded to "
+            f"{cls.schema_version}: {type(exc).__name__}: {exc}"
+        )
     if order_id is not None and order_id != event.order_id:
         # The subject is what the log is searched by: an event filed under
         # another order would be found there and not here.

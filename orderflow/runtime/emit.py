@@ -147,6 +147,7 @@ class Emitter:
             function=self.function,
             cause=cause.headers,
             cause_id=cause.id,
+            schema_version=event.schema_version,
         )
         headers |= guard
         ack = await self._store(self.nc, subject, _encode(event), headers)

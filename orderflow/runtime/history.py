@@ -2,7 +2,10 @@
 
 ``last`` asks the server for the last message on one subject
 (``order.<ID>.<kind>``): its subject index finds it without reading anything
-else, so the cost does not grow with the history. ``append`` is the runner's
+else, so the cost does not grow with the history, and decodes it the way the
+runner decodes its input (``orderflow.runtime.decoding``): an event stored by
+an older version of the code is upgraded to the current schema first.
+``append`` is the runner's
 own emit (``orderflow.runtime.emit``), so an event a handler appends is guarded,
 checked against ``emits`` and carries its context exactly like one it returns.
 
@@ -28,9 +31,9 @@ import msgspec
 from nats.aio.client import Client
 
 from functions.errors import Permanent
-from functions.events import EVENT_TYPES, Event, event_id, subject_of
+from functions.events import Event, event_id, subject_of
 from orderflow import subjects
-from orderflow.runtime import direct, election
+from orderflow.runtime import decoding, direct, election
 from orderflow.runtime.batch import Batcher
 from orderflow.runtime.emit import Cause, Emitter
 
@@ -39,7 +42,8 @@ E = TypeVar("E", bound=Event)
 #: Reads asked in one batch direct get at most.
 READS_TOGETHER = 256
 
-_decoders = {kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()}
+#: A stored message as a read finds it: its payload and its headers.
+Found = tuple[bytes, dict[str, str]]
 
 
 class HistoryError(Exception):
@@ -48,6 +52,7 @@ class HistoryError(Exception):
 
 class _Message(msgspec.Struct):
     data: str = ""
+    hdrs: str = ""  # base64 of the NATS header block, when it has headers
 
 
 class _GetError(msgspec.Struct):
@@ -75,19 +80,20 @@ class OrderLog:
         self._direct = subjects.direct_get(stream) + "."
         self._leader = subjects.leader_get(stream)
         self._many = direct.BatchGet(nc, stream, timeout)
-        self._together: Batcher[str, bytes | None] = Batcher(self._read_many, READS_TOGETHER)
+        self._together: Batcher[str, Found | None] = Batcher(self._read_many, READS_TOGETHER)
 
     async def last(self, order_id: str, kind: type[E]) -> E | None:
         name = subject_of(kind)
-        data = await self.last_data(subjects.subject(name, order_id))
-        if data is None:
+        stored = await self.last_message(subjects.subject(name, order_id))
+        if stored is None:
             return None
-        found = _decoders[name].decode(data)
+        data, headers = stored
+        found = decoding.read(name, data, decoding.version_in(headers))
         assert isinstance(found, kind)
         return found
 
-    async def last_data(self, subject: str) -> bytes | None:
-        """The payload of the last message on ``subject``, or ``None``."""
+    async def last_message(self, subject: str) -> Found | None:
+        """The payload and headers of the last message on ``subject``, or ``None``."""
         if self.leader_only:
             body = _encode({"last_by_subj": subject})
             answer = await election.request(self.nc, self._leader, body, self.timeout)
@@ -97,14 +103,28 @@ class OrderLog:
                     return None
                 raise HistoryError(f"{self.stream}: reading {subject}: {got.error.description}")
             assert got.message is not None
-            return base64.b64decode(got.message.data)
+            return base64.b64decode(got.message.data), _headers(got.message.hdrs)
         return await self._together(subject)
 
-    async def _read_many(self, wanted: Sequence[str]) -> list[bytes | None]:
+    async def _read_many(self, wanted: Sequence[str]) -> list[Found | None]:
         # Asked again while no server answers for the stream (orderflow.runtime.election).
         found = await election.retrying(lambda: self._many.last_of(wanted), self.timeout)
-        data = {(msg.headers or {}).get("Nats-Subject", ""): msg.data for msg in found}
-        return [data.get(subject) for subject in wanted]
+        by_subject = {
+            (headers := msg.headers or {}).get("Nats-Subject", ""): (msg.data, headers)
+            for msg in found
+        }
+        return [by_subject.get(subject) for subject in wanted]
+
+
+def _headers(block: str) -> dict[str, str]:
+    """The headers in a stored message's header block (``NATS/1.0`` and ``Name: value`` lines,
+    base64 in a message get's answer)."""
+    lines = base64.b64decode(block).decode().split("\r\n")[1:] if block else []
+    return {
+        name.strip(): value.strip()
+        for name, sep, value in (line.partition(":") for line in lines)
+        if sep
+    }
 
 
 class MessageHistory:

@@ -9,7 +9,8 @@ memory):
    processes handling it kept dying: a poison message must not crash-loop);
 2. too large, undecodable, invalid or over ``limits`` -> :class:`DeadLetter`
    at once (retrying cannot fix bytes), with an ``orders.rejected`` to
-   answer where the function answers those;
+   answer where the function answers those; an older schema version is
+   upgraded first (``orderflow.runtime.decoding``);
 3. the handler, given the decoded event and the order's history ->
    :class:`Emit` of what it returned, checked against the function's
    ``emits`` (anything else is a bug: a permanent failure);
@@ -20,7 +21,7 @@ memory):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from functions.errors import Permanent
@@ -67,17 +68,19 @@ def admit(
     spec: FunctionSpec,
     subject: str,
     data: bytes,
+    headers: Mapping[str, str],
     attempt: int,
     max_deliver: int,
     limits: Limits,
     max_payload: int,
 ) -> Event | DeadLetter:
-    """Steps 1 and 2: the decoded event, or why the message is given up at once."""
+    """Steps 1 and 2: the decoded event (at the current version of its schema), or why the
+    message is given up at once."""
     if attempt > max_deliver:
         return DeadLetter(
             f"delivered {attempt} times (max_deliver {max_deliver}) without an answer"
         )
-    event = decode(subject, data, max_payload, limits)
+    event = decode(subject, data, headers, max_payload, limits)
     if not isinstance(event, Invalid):
         return event
     rejection = None

@@ -146,7 +146,7 @@ class Worker:
     async def _process(self, msg: Msg, consumer: ConsumerSpec) -> None:
         attempt = msg.metadata.num_delivered
         admitted = pipeline.admit(
-            self.spec, msg.subject, msg.data, attempt, consumer.max_deliver,
+            self.spec, msg.subject, msg.data, msg.headers or {}, attempt, consumer.max_deliver,
             self.limits, self.max_payload,
         )  # fmt: skip
         if isinstance(admitted, pipeline.DeadLetter):

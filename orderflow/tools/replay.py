@@ -9,6 +9,12 @@ and headers and times are left out of the comparison, so an unchanged flow
 replays identically and a changed handler shows up as a diff. This is to
 choreography what Temporal's replayer is to a workflow.
 
+Both sides are compared at the current version of each kind's schema: a
+recording made with older versions is upgraded by the upcasters
+(``functions/upcasters.py``) before the comparison, as its inputs are before
+the handlers see them, so an old recording still replays, and a change of
+schema without its upcaster shows up as a diff too.
+
 Two ways:
 
 * :func:`replay_offline` runs the handlers in this process over memory
@@ -27,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,9 +57,9 @@ from orderflow import subjects
 from orderflow.config import FunctionSpec, Topology, load_inventory
 from orderflow.ops.provision import provision, seed_levels
 from orderflow.ops.server import EmbeddedServer
-from orderflow.runtime import pipeline
+from orderflow.runtime import decoding, pipeline
 from orderflow.runtime.bindings import build_handler
-from orderflow.runtime.context import FUNCTION
+from orderflow.runtime.context import FUNCTION, SCHEMA_VERSION
 from orderflow.runtime.emit import check_emits
 from orderflow.tools.recording import Recorded
 from orderflow.tools.streamlog import read_stream
@@ -64,6 +70,8 @@ _encode = msgspec.json.Encoder().encode
 
 #: order id -> what the functions emitted for it, one canonical line per event
 Outcomes = dict[str, list[str]]
+#: An emitted event as stored: its kind, payload and headers (its schema version).
+Emitted = tuple[str, bytes, Mapping[str, str]]
 
 
 def external_inputs(records: Iterable[Recorded]) -> list[Recorded]:
@@ -74,24 +82,27 @@ def external_inputs(records: Iterable[Recorded]) -> list[Recorded]:
     ]
 
 
-def _line(subject: str, data: bytes) -> str:
-    # Canonical: keys sorted, so a field order change is not a behaviour change.
-    payload = msgspec.json.decode(data)
-    return f"{subject} {msgspec.json.encode(payload, order='sorted').decode()}"
+def _line(kind: str, data: bytes, headers: Mapping[str, str]) -> str:
+    # At the current version of the kind's schema; canonical: keys sorted, so a
+    # field order change is not a behaviour change.
+    payload = decoding.as_current(kind, data, decoding.version_in(headers))
+    return f"{kind} {msgspec.json.encode(payload, order='sorted').decode()}"
 
 
-def outcomes(emitted: Iterable[tuple[str, bytes]]) -> Outcomes:
-    """Group emitted events (kind, payload) by order; within an order, sort (arrival
-    order is not behaviour)."""
+def outcomes(emitted: Iterable[Emitted]) -> Outcomes:
+    """Group emitted events (kind, payload, headers) by order; within an order, sort
+    (arrival order is not behaviour)."""
     out: dict[str, list[str]] = defaultdict(list)
-    for kind, data in emitted:
+    for kind, data, headers in emitted:
         order_id = msgspec.json.decode(data, type=AnyOrderId).order_id
-        out[order_id].append(_line(kind, data))
+        out[order_id].append(_line(kind, data, headers))
     return {order_id: sorted(lines) for order_id, lines in out.items()}
 
 
 def recorded_outcomes(records: Iterable[Recorded]) -> Outcomes:
-    return outcomes((subjects.kind_of(r.subject), r.data) for r in records if FUNCTION in r.headers)
+    return outcomes(
+        (subjects.kind_of(r.subject), r.data, r.headers) for r in records if FUNCTION in r.headers
+    )
 
 
 @dataclass
@@ -131,7 +142,7 @@ def compare(recorded: Outcomes, replayed: Outcomes) -> Comparison:
 
 @dataclass
 class OfflineResult:
-    emitted: list[tuple[str, bytes]]
+    emitted: list[Emitted]
     dead_letters: list[tuple[str, str, str]]  # (function, subject, reason)
 
 
@@ -195,7 +206,8 @@ async def run_offline(
     log = MemoryHistory()  # the events stream: one event per order and kind
     seen_ids: set[str] = set()  # the stream's duplicate window, for commands
     max_payload = topology.dead_letters.max_payload
-    Queue = deque[tuple[str, str, bytes, int]]
+    #: (function, subject, payload, headers, attempt): a delivery still to make
+    Queue = deque[tuple[str, str, bytes, Mapping[str, str], int]]
 
     def publish(event: Event, message_id: str | None, queue: Queue) -> None:
         if isinstance(event, StepTimedOut | AlarmCleared):
@@ -210,21 +222,24 @@ async def run_offline(
         elif not log.record(event):
             return  # the order has this kind already: the stream refuses a second
         kind, data = subject_of(type(event)), _encode(event)
-        result.emitted.append((kind, data))
+        headers = {SCHEMA_VERSION: str(event.schema_version)}  # as the emitter's
+        result.emitted.append((kind, data, headers))
         subject = subjects.subject(kind, event.order_id)
-        queue.extend((name, subject, data, 1) for name in readers(kind))
+        queue.extend((name, subject, data, headers, 1) for name in readers(kind))
 
     for sequence, record in enumerate(inputs, start=1):
         kind = subjects.kind_of(record.subject)
-        queue: Queue = deque((name, record.subject, record.data, 1) for name in readers(kind))
+        queue: Queue = deque(
+            (name, record.subject, record.data, record.headers, 1) for name in readers(kind)
+        )
         while queue:
-            name, subject, data, attempt = queue.popleft()
+            name, subject, data, headers, attempt = queue.popleft()
             kind = subjects.kind_of(subject)
             spec = topology.functions[name]
             # The worker's own steps (orderflow.runtime.pipeline); a transient
             # failure is tried again later, up to ``attempts``, as redelivery would.
-            admitted = pipeline.admit(spec, subject, data, attempt, attempts, topology.limits,
-                                      max_payload)  # fmt: skip
+            admitted = pipeline.admit(spec, subject, data, headers, attempt, attempts,
+                                      topology.limits, max_payload)  # fmt: skip
             outcome: pipeline.Outcome
             if isinstance(admitted, pipeline.DeadLetter):
                 outcome = admitted
@@ -240,7 +255,7 @@ async def run_offline(
                     publish(outcome.rejection, f"orders.rejected:input:{sequence}", queue)
                 result.dead_letters.append((name, kind, outcome.reason))
             elif isinstance(outcome, pipeline.Again):
-                queue.append((name, subject, data, attempt + 1))
+                queue.append((name, subject, data, headers, attempt + 1))
             else:
                 for out in outcome.events:
                     publish(out, None, queue)
@@ -316,7 +331,7 @@ async def replay_live(
             await asyncio.to_thread(supervisor.stop)
             if server is not None:
                 server.stop()
-    replayed = outcomes((s.kind, s.data) for s in stored if FUNCTION in s.headers)
+    replayed = outcomes((s.kind, s.data, s.headers) for s in stored if FUNCTION in s.headers)
     return compare(recorded_outcomes(records), replayed)
 
 

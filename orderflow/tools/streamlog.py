@@ -20,9 +20,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from functions.events import EVENT_TYPES, Event
+from functions.events import Event
 from orderflow import subjects
-from orderflow.runtime import direct
+from orderflow.runtime import decoding, direct
 
 #: Fetches answered 503 (nobody serves the consumer yet) before giving up, 0.1 s apart.
 UNAVAILABLE_TRIES = 50
@@ -42,8 +42,8 @@ class Stored:
         return subjects.kind_of(self.subject)
 
     def event(self) -> Event:
-        decoded: Event = msgspec.json.decode(self.data, type=EVENT_TYPES[self.kind])
-        return decoded
+        """The stored event at the current version of its schema (an older one upgraded)."""
+        return decoding.read(self.kind, self.data, decoding.version_in(self.headers))
 
 
 async def read_stream(

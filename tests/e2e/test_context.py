@@ -1,10 +1,12 @@
-"""Every published event carries its context, chained hop by hop, compensations included."""
+"""Every published event carries its context, chained hop by hop, compensations included, and
+the schema version it was written with."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 
+from functions.events import EVENT_TYPES
 from orderflow.runtime import context as ctx
 from orderflow.tools.streamlog import Stored
 from tests.conftest import StartFlow
@@ -42,6 +44,7 @@ async def test_headers_chain_every_hop(start_flow: StartFlow) -> None:
             h = e.headers
             assert h[ctx.EVENT_ID] == f"{e.kind}:{order_id}"
             assert h[ctx.CORRELATION_ID] == order_id
+            assert h[ctx.SCHEMA_VERSION] == str(EVENT_TYPES[e.kind].schema_version)
             assert e.kind in flow.topology.functions[h[ctx.FUNCTION]].emits
             cause = ids_here[h[ctx.CAUSATION_ID]]  # the cause is an event of the same order...
             assert cause.sequence < e.sequence  # ...logged before it...

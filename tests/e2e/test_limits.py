@@ -55,12 +55,12 @@ def test_check_names_the_path_the_value_and_the_limit() -> None:
     )
     # Decoding applies them after the contract's own checks; such an order is rejectable.
     data = payload(_order(items=3))
-    invalid = decode("orders.created", data, 65536, tight)
+    invalid = decode("orders.created", data, {}, 65536, tight)
     assert invalid == Invalid(
         "orders.created over limits: $.items: 3 items, limit 2 (limits.max_items)"
     )
-    assert isinstance(decode("orders.created", data, 65536), OrderCreated)  # no limits given
-    assert isinstance(decode("orders.created", data, 65536, Limits()), OrderCreated)
+    assert isinstance(decode("orders.created", data, {}, 65536), OrderCreated)  # no limits given
+    assert isinstance(decode("orders.created", data, {}, 65536, Limits()), OrderCreated)
 
 
 def test_config_may_only_tighten_the_contract(variant_config: Callable[..., Path]) -> None:

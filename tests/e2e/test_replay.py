@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from functions import delivery
+from functions.events import DeliveryScheduled
+from functions.upcasters import UPCASTERS
 from orderflow import config
 from orderflow.config import Topology
+from orderflow.runtime.context import SCHEMA_VERSION
 from orderflow.tools import recording
 from orderflow.tools.replay import (
     external_inputs,
@@ -27,6 +31,8 @@ from tests.recordings.make_recordings import mode_of
 RECORDINGS = sorted((ROOT / "tests" / "recordings").glob("*.jsonl"))
 SCENARIOS = {"happy", "declined", "flaky", "out_of_stock", "both_failures", "mixed_300",
              "orchestration_mixed_100"}  # fmt: skip
+#: Recorded with version 1 of delivery.scheduled (no carrier), before events said their version.
+OLD_SCHEMA = ROOT / "tests" / "recordings" / "mixed_300_schema_v1.jsonl"
 
 
 def wired(path: Path) -> Topology:
@@ -119,3 +125,26 @@ def test_a_recording_of_the_old_layout_is_refused_with_what_to_do(tmp_path: Path
     )  # fmt: skip
     assert out.returncode == 2
     assert "no format line" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_a_recording_of_an_older_schema_replays_through_the_upcasters(
+    topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = recording.read(OLD_SCHEMA)
+    # Really made with version 1: no event says its version, no delivery names its carrier.
+    assert not any(SCHEMA_VERSION in r.headers for r in records)
+    scheduled = [r for r in records if r.subject.endswith(".delivery.scheduled")]
+    assert len(scheduled) > 100
+    assert not any("carrier" in msgspec.json.decode(r.data) for r in scheduled)
+    assert DeliveryScheduled.schema_version == 2
+    result = await replay_offline(records, topology, ROOT)
+    assert result.ok and result.same == 300, result.render()
+    # It is the upcaster that makes them agree: one that forgets the carrier, and every
+    # delivered order differs, on its delivery.scheduled alone.
+    monkeypatch.setitem(UPCASTERS, ("delivery.scheduled", 1), dict)
+    result = await replay_offline(records, topology, ROOT)
+    assert len(result.diffs) == len(scheduled)
+    for diff in result.diffs.values():
+        changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+        assert [line[:19] for line in changed] == ["-delivery.scheduled", "+delivery.scheduled"]
+        assert '"carrier":"orderflow-post"' in changed[1] and "carrier" not in changed[0]

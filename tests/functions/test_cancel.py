@@ -29,7 +29,7 @@ REQUEST = CancelRequest("o-1", reason="changed my mind", requested_by="ann", req
 CREATED = placed("o-1", BOOK_42=2)
 CHARGED = PaymentSucceeded("o-1", 3000, charge_id="ch_1")
 RESERVED = StockReserved("o-1", [StockLine("BOOK-42", 2)])
-SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1")
+SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
 FAILED = PaymentFailed("o-1", 3000, reason="card_declined")
 UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 1)])
 

@@ -11,7 +11,9 @@ from tests.logkit import schedules
 
 PAID = PaymentSucceeded("o-1", 3000, charge_id="ch_1")
 RESERVED = StockReserved("o-1", [StockLine("BOOK-42", 2)])
-SCHEDULED = DeliveryScheduled("o-1", tracking_id=delivery.tracking_id("o-1"))
+SCHEDULED = DeliveryScheduled(
+    "o-1", tracking_id=delivery.tracking_id("o-1"), carrier="orderflow-post"
+)
 
 
 def test_tracking_id_is_deterministic() -> None:

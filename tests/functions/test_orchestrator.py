@@ -71,7 +71,7 @@ async def test_happy_path_one_command_at_a_time() -> None:
         ScheduleDelivery("o-1", 1, payment=SUCCEEDED, stock=RESERVED),
         alarm("delivery"),
     ]
-    tracking = DeliveryScheduled("o-1", tracking_id="TRK-1")
+    tracking = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
     assert await feed(store, tracking) == [
         OrderCompleted("o-1", tracking_id="TRK-1"),
         AlarmCleared("o-1"),
@@ -162,7 +162,9 @@ async def test_retry_steps_are_sent_again_up_to_their_attempts_then_wait() -> No
     assert await feed(store, alarm("delivery", 3)) == []
     assert await feed(store, alarm("delivery", 3)) == []
     # A late answer still ends the order.
-    sent = await feed(store, DeliveryScheduled("o-1", tracking_id="TRK-1"))
+    sent = await feed(
+        store, DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
+    )
     assert [subject_of(type(e)) for e in sent] == ["orders.completed", "saga.alarms.cleared"]
 
 
@@ -171,7 +173,9 @@ async def test_stale_alarms_and_late_answers_send_nothing() -> None:
     await feed(store, PLACED, SUCCEEDED)
     assert await feed(store, alarm("payment", 1)) == []  # payment answered already
     assert await feed(store, PaymentFailed("o-1", 3000, reason="late")) == []
-    await feed(store, RESERVED, DeliveryScheduled("o-1", tracking_id="TRK-1"))
+    await feed(
+        store, RESERVED, DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
+    )
     assert await feed(store, alarm("delivery", 1)) == []  # the saga is over
 
 
@@ -190,8 +194,14 @@ async def test_redelivery_of_the_last_input_sends_the_same_again() -> None:
 
 async def test_the_terminal_event_is_sent_again_only_for_its_own_input() -> None:
     store = MemoryStore()
-    done = await feed(store, PLACED, SUCCEEDED, RESERVED, DeliveryScheduled("o-1", "TRK-1"))
-    assert await feed(store, DeliveryScheduled("o-1", "TRK-1")) == done
+    done = await feed(
+        store,
+        PLACED,
+        SUCCEEDED,
+        RESERVED,
+        DeliveryScheduled("o-1", "TRK-1", carrier="orderflow-post"),
+    )
+    assert await feed(store, DeliveryScheduled("o-1", "TRK-1", carrier="orderflow-post")) == done
     assert await feed(store, RESERVED) == []
 
 
@@ -268,7 +278,13 @@ async def test_cancelled_while_delivery_is_asked_undoes_at_once() -> None:
 
 async def test_a_cancellation_after_the_end_changes_nothing() -> None:
     store = MemoryStore()
-    await feed(store, PLACED, SUCCEEDED, RESERVED, DeliveryScheduled("o-1", tracking_id="T"))
+    await feed(
+        store,
+        PLACED,
+        SUCCEEDED,
+        RESERVED,
+        DeliveryScheduled("o-1", tracking_id="T", carrier="orderflow-post"),
+    )
     revision = store.data[saga_key("o-1")][1]
     assert await feed(store, REQUESTED) == []
     assert store.data[saga_key("o-1")][1] == revision

@@ -31,7 +31,7 @@ REFUNDED = PaymentRefunded("o-1", 3000, charge_id="ch_1")
 RESERVED = StockReserved("o-1", LINES)
 UNAVAILABLE = StockUnavailable("o-1", [Shortage("BOOK-42", 2, 1)])
 RELEASED = StockReleased("o-1", LINES)
-SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1")
+SCHEDULED = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
 
 REQUESTED = DeliveryCancelled("o-1", reason="changed my mind", request_id="r-1", requested_by="ann")
 

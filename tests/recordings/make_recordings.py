@@ -7,11 +7,21 @@ process, orders published as plain core messages (like `nats pub`), a wait
 until everything is settled, then `runner.py record` writes the ORDERS stream
 here. Rerun it after a deliberate change of behaviour, and review the diff.
 A scenario whose name starts with ``orchestration_`` runs in that mode.
+
+``mixed_300_schema_v1.jsonl`` is ``mixed_300`` as schema version 1 of
+``delivery.scheduled`` wrote it (no carrier, and no ``Orderflow-Schema-Version``
+header on any event, as before events said their version): replayed through
+the upcasters (``functions/upcasters.py``, ``tests/e2e/test_replay.py``). It
+was first recorded by the version 1 code; since then the flow itself changed
+(a cancelled order closes its delivery decision), which no old recording can
+replay, so it is derived again from each new ``mixed_300`` by :func:`as_v1`:
+exactly what the version 1 ``delivery`` wrote, nothing else changed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +34,7 @@ from orderflow.ops.provision import provision
 from orderflow.ops.server import EmbeddedServer
 from orderflow.ops.supervisor import Supervisor
 from orderflow.runtime.connect import connect
+from orderflow.runtime.context import SCHEMA_VERSION
 from orderflow.tools.demo import make_orders, payload
 from orderflow.tools.replay import wait_until_quiet
 
@@ -90,10 +101,27 @@ async def make(name: str, payloads: list[bytes]) -> None:
             server.stop()
 
 
+def as_v1(source: Path, target: Path) -> None:
+    """``source`` as written before schema versions: ``delivery.scheduled`` without its
+    carrier, no event saying its version."""
+    lines = []
+    for line in source.read_text().splitlines():
+        record = json.loads(line)
+        record.get("headers", {}).pop(SCHEMA_VERSION, None)
+        if record.get("subject", "").endswith(".delivery.scheduled"):
+            event = json.loads(record["payload"])
+            event.pop("carrier")
+            record["payload"] = json.dumps(event, separators=(",", ":"))
+        lines.append(json.dumps(record, separators=(",", ":")))
+    target.write_text("\n".join(lines) + "\n")
+
+
 async def main() -> None:
     for name, payloads in SCENARIOS.items():
         if name in sys.argv[1:] or len(sys.argv) == 1:
             await make(name, payloads)
+    if "mixed_300" in sys.argv[1:] or len(sys.argv) == 1:
+        as_v1(HERE / "mixed_300.jsonl", HERE / "mixed_300_schema_v1.jsonl")
 
 
 if __name__ == "__main__":

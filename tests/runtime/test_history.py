@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 from nats.aio.client import Client
 
 from functions.events import PaymentSucceeded, StockReserved, subject_of
 from orderflow import subjects
+from orderflow.runtime.context import SCHEMA_VERSION
 from orderflow.runtime.history import OrderLog
 
 
@@ -43,3 +45,24 @@ async def test_the_leaders_reads_find_the_same(provisioned: Client) -> None:
     assert await log.last("o-1", PaymentSucceeded) == PaymentSucceeded("o-1", 100, "ch_1")
     assert await log.last("o-1", StockReserved) is None
     assert await log.last("o-2", PaymentSucceeded) is None
+
+
+@pytest.mark.parametrize("leader_only", [False, True], ids=["direct", "leader"])
+async def test_both_reads_see_the_schema_version_it_was_stored_with(
+    provisioned: Client, leader_only: bool
+) -> None:
+    # The history decodes what it finds the way the runner decodes its input: by the
+    # version in the stored message's headers (a bad one is named, not guessed at).
+    js = provisioned.jetstream()
+    paid = msgspec.json.decode(msgspec.json.encode(PaymentSucceeded("o-1", 100, "ch_1")))
+    paid["added_by_a_newer_payment"] = True
+    subject = subjects.subject("payments.succeeded", "o-1")
+    headers = {SCHEMA_VERSION: "9", "Nats-Msg-Id": "first"}
+    await js.publish(subject, msgspec.json.encode(paid), headers=headers)
+    log = OrderLog(provisioned, "ORDERS", leader_only=leader_only)
+    assert await log.last("o-1", PaymentSucceeded) == PaymentSucceeded("o-1", 100, "ch_1")
+    reserved = subjects.subject("stock.reserved", "o-1")
+    await js.publish(reserved, msgspec.json.encode(StockReserved("o-1", [])),
+                     headers={SCHEMA_VERSION: "two", "Traceparent": "a:b"})  # fmt: skip
+    with pytest.raises(ValueError, match=f"{SCHEMA_VERSION}: 'two' is not a schema version"):
+        await log.last("o-1", StockReserved)

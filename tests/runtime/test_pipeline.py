@@ -19,7 +19,7 @@ def admit(
     topology: Topology, function: str, subject: str, data: bytes, attempt: int = 1
 ) -> Event | pipeline.DeadLetter:
     spec = topology.functions[function]
-    return pipeline.admit(spec, subject, data, attempt, 8, topology.limits, 65536)
+    return pipeline.admit(spec, subject, data, {}, attempt, 8, topology.limits, 65536)
 
 
 def test_a_message_delivered_past_max_deliver_is_given_up_before_decoding(
@@ -60,7 +60,7 @@ async def outcome(
 
 
 async def test_what_the_handler_returns_is_emitted(topology: Topology) -> None:
-    scheduled = DeliveryScheduled("o-1", tracking_id="TRK-1")
+    scheduled = DeliveryScheduled("o-1", tracking_id="TRK-1", carrier="orderflow-post")
     assert await outcome(topology, [scheduled]) == pipeline.Emit(PAID, [scheduled])
 
 

@@ -183,7 +183,11 @@ async def test_an_answered_message_is_acked_once_its_output_is_stored(
     await nc.subscribe(subjects.acks("ORDERS", DURABLE), cb=on_ack)
 
     async def handler(event: Event, history: History) -> Sequence[Event]:
-        return [DeliveryScheduled(event.order_id, tracking_id=f"trk-{event.order_id}")]
+        return [
+            DeliveryScheduled(
+                event.order_id, tracking_id=f"trk-{event.order_id}", carrier="orderflow-post"
+            )
+        ]
 
     async with running(nc, topology, handler) as worker:
         seq = await publish(nc, paid("o-1"))
@@ -192,7 +196,7 @@ async def test_an_answered_message_is_acked_once_its_output_is_stored(
     [[at_ack]] = stored_when_acked
     assert at_ack.sequence > seq
     assert msgspec.json.decode(at_ack.data, type=DeliveryScheduled) == DeliveryScheduled(
-        "o-1", tracking_id="trk-o-1"
+        "o-1", tracking_id="trk-o-1", carrier="orderflow-post"
     )
     assert at_ack.headers[context.FUNCTION] == FUNCTION
     assert at_ack.headers[context.CAUSATION_ID] == f"ORDERS:{seq}"
@@ -208,12 +212,14 @@ async def test_an_answer_stored_already_counts_as_stored_and_is_not_stored_twice
     """A redelivery after a crash between publish and ack: the stream refuses the repeat
     (the order has that kind already), and the worker acks the input."""
     nc = provisioned
-    first = DeliveryScheduled("o-7", tracking_id="trk-first")
+    first = DeliveryScheduled("o-7", tracking_id="trk-first", carrier="orderflow-post")
     await publish(nc, first)
     acks = await watch_acks(nc)
 
     async def handler(event: Event, history: History) -> Sequence[Event]:
-        return [DeliveryScheduled(event.order_id, tracking_id="trk-again")]
+        return [
+            DeliveryScheduled(event.order_id, tracking_id="trk-again", carrier="orderflow-post")
+        ]
 
     async with running(nc, topology, handler) as worker:
         seq = await publish(nc, paid("o-7"))
@@ -236,7 +242,7 @@ async def test_an_output_the_stream_refuses_leaves_the_input_unacked_and_it_is_t
     async def handler(event: Event, history: History) -> Sequence[Event]:
         calls.append(time.monotonic())
         tracking = too_big if len(calls) == 1 else "trk-ok"
-        return [DeliveryScheduled(event.order_id, tracking_id=tracking)]
+        return [DeliveryScheduled(event.order_id, tracking_id=tracking, carrier="orderflow-post")]
 
     async with running(nc, topo, handler) as worker:
         seq = await publish(nc, paid("o-2"))
@@ -351,7 +357,7 @@ async def _appends_undeclared(event: Event, history: History) -> Sequence[Event]
 
 async def _reads_undeclared(event: Event, history: History) -> Sequence[Event]:
     await history.last(event.order_id, OrderCreated)
-    return [DeliveryScheduled(event.order_id, tracking_id="t")]
+    return [DeliveryScheduled(event.order_id, tracking_id="t", carrier="orderflow-post")]
 
 
 @pytest.mark.parametrize(
@@ -450,7 +456,11 @@ async def test_a_backlog_larger_than_the_window_drains_each_message_handled_once
             if event.order_id in flaky and attempts[event.order_id] == 1:
                 raise RuntimeError("try again")
             answered[event.order_id] += 1
-            return [DeliveryScheduled(event.order_id, tracking_id=f"trk-{event.order_id}")]
+            return [
+                DeliveryScheduled(
+                    event.order_id, tracking_id=f"trk-{event.order_id}", carrier="orderflow-post"
+                )
+            ]
         finally:
             active -= 1
 
