@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from datetime import UTC, datetime
 
 from functions.events import CancelRequest
 from orderflow.cli.common import connected
@@ -42,7 +41,7 @@ async def _cancel(args: argparse.Namespace, topology: Topology) -> int:
         request_id=args.request_id,
     )
     async with connected("cancel") as nc:
-        answer = await interventions.cancel(nc, topology, request, datetime.now(UTC))
+        answer = await interventions.cancel(nc, topology, request)
     print(f"{answer.order_id}: {answer.answer} ({answer.rule}) [request {answer.request_id}]")
     if answer.answer != "accepted":
         print(f"not cancelled: {answer.rule}", file=sys.stderr)

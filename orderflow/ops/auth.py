@@ -128,6 +128,9 @@ def function_permissions(topology: Topology, name: str) -> Permissions:
     publish.append(subjects.dead_letter(topology.dead_letters.subject_prefix, "*", name))
     if topology.retry_log is not None:
         publish.append(subjects.retry_note(topology.retry_log.subject_prefix, "*", name))
+    if fn.serves and topology.interventions is not None:
+        # The record of each request it answers (orderflow/runtime/requests.py).
+        publish.append(subjects.intervention_on_order(topology.interventions.subject_prefix, "*"))
     subscribe = [
         f"{inbox_prefix(name)}.>",
         "$SRV.PING",

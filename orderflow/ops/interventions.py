@@ -15,9 +15,10 @@ paused and since when, and nothing rewrites history. Who: the connecting
 user (``NATS_USER``, or the credentials file's name), else the operating
 system's user.
 
-Cancelling asks the ``cancel`` function (``orders.cancel``, functions/cancel.py)
-and records the request and its answer on ``interventions.order.<ID>``,
-where ``trace`` shows it on the order's timeline. A request that gets no
+Cancelling asks the ``cancel`` function (``orders.cancel``, functions/cancel.py),
+which records the request and its answer on ``interventions.order.<ID>``
+(whoever asked: a storefront may not write records), where ``trace`` shows it
+on the order's timeline. A request that gets no
 answer (no process listening, or the one handling it died) is asked again,
 as the same request, a few times: whatever was decided meanwhile is the answer.
 """
@@ -28,9 +29,8 @@ import asyncio
 import getpass
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 import nats.errors
@@ -40,23 +40,13 @@ from functions.events import CANCEL_SUBJECT, CancelAnswer, CancelRequest
 from orderflow import subjects
 from orderflow.config import ConfigError, Topology
 from orderflow.runtime import direct
+from orderflow.runtime.intervened import Intervention, rfc3339
 from orderflow.runtime.requests import Problem
+
+__all__ = ["Intervention", "NoAnswer", "cancel", "pause", "paused", "resume"]
 
 #: "Until resumed": the server wants a time, so one far enough away.
 INDEFINITELY = timedelta(days=365 * 100)
-
-
-class Intervention(msgspec.Struct, frozen=True, omit_defaults=True):
-    action: Literal["pause", "resume", "cancel"]
-    function: str  # "" for an order's
-    by: str
-    at: str  # RFC 3339, UTC
-    reason: str = ""
-    until: str = ""  # a pause's end, if it has one
-    order_id: str = ""  # a cancellation's order, and its request and answer:
-    request_id: str = ""
-    answer: str = ""
-    rule: str = ""
 
 
 #: Times a cancellation is asked before giving up, and how long each waits.
@@ -88,10 +78,6 @@ def who(env: dict[str, str] | None = None) -> str:
     return getpass.getuser()
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def consumers_of(topology: Topology, function: str) -> list[tuple[str, str]]:
     """(stream, durable) of each of ``function``'s consumers; a clear error if no such function."""
     if function not in topology.functions:
@@ -106,10 +92,7 @@ async def _record(nc: Client, topology: Topology, record: Intervention) -> None:
     log = topology.interventions
     if log is None:
         raise ConfigError("interventions: not set in streams.yaml, so nothing could record this")
-    if record.order_id:
-        subject = subjects.intervention_on_order(log.subject_prefix, record.order_id)
-    else:
-        subject = subjects.intervention_on_function(log.subject_prefix, record.function)
+    subject = subjects.intervention_on_function(log.subject_prefix, record.function)
     await nc.jetstream().publish(subject, msgspec.json.encode(record), stream=log.stream)
 
 
@@ -117,11 +100,11 @@ async def cancel(
     nc: Client,
     topology: Topology,
     request: CancelRequest,
-    now: datetime,
     attempts: int = CANCEL_ATTEMPTS,
     timeout: float = CANCEL_TIMEOUT,
 ) -> CancelAnswer:
-    """Ask for ``request``'s order to be cancelled; the answer, recorded."""
+    """Ask for ``request``'s order to be cancelled; the answer (which the cancel function
+    records)."""
     body = msgspec.json.encode(request)
     problem = "no process answered"
     for _ in range(attempts):
@@ -138,15 +121,7 @@ async def cancel(
                 raise ConfigError(error)
             problem = error  # the handler failed: asked again
             continue
-        answered = msgspec.convert(raw, CancelAnswer)
-        if topology.interventions is not None:
-            record = Intervention(
-                "cancel", "", request.requested_by, _rfc3339(now), request.reason,
-                order_id=request.order_id, request_id=answered.request_id,
-                answer=answered.answer, rule=answered.rule,
-            )  # fmt: skip
-            await _record(nc, topology, record)
-        return answered
+        return msgspec.convert(raw, CancelAnswer)
     raise NoAnswer(f"cancel {request.order_id}: {problem} after {attempts} attempts")
 
 
@@ -163,13 +138,13 @@ async def pause(
     consumers = consumers_of(topology, function)
     ends = until or now + INDEFINITELY
     if ends <= now:
-        raise ConfigError(f"--until {_rfc3339(ends)}: that is not in the future")
-    record = Intervention("pause", function, by, _rfc3339(now), reason,
-                          _rfc3339(until) if until else "")  # fmt: skip
+        raise ConfigError(f"--until {rfc3339(ends)}: that is not in the future")
+    record = Intervention("pause", function, by, rfc3339(now), reason,
+                          rfc3339(until) if until else "")  # fmt: skip
     await _record(nc, topology, record)  # first: the record never misses a pause
     js = nc.jetstream()
     for stream, durable in consumers:
-        await js.pause_consumer(stream, durable, _rfc3339(ends))
+        await js.pause_consumer(stream, durable, rfc3339(ends))
     return record
 
 
@@ -180,7 +155,7 @@ async def resume(
     js = nc.jetstream()
     for stream, durable in consumers:
         await js.resume_consumer(stream, durable)
-    record = Intervention("resume", function, by, _rfc3339(now), reason)
+    record = Intervention("resume", function, by, rfc3339(now), reason)
     await _record(nc, topology, record)
     return record
 

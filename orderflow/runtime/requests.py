@@ -9,7 +9,10 @@ order's history (``orderflow.runtime.history``, the same reads and appends a
 consumed message gets); what it changes it stores as events, with the request
 as their cause, before it answers.
 
-Nothing is kept about a request: a requester that got no answer (the process
+Nothing is kept about a request but its record: each answer is recorded
+(:class:`~orderflow.runtime.intervened.Intervention`, on
+``interventions.order.<ID>``) before it is sent, whoever asked, so ``trace``
+shows it on the order's timeline. A requester that got no answer (the process
 died after deciding, or the reply was lost) asks again with the same request
 id, and the handler reads its earlier decision back from the history. A
 request that cannot be decoded is answered with the reason; one whose handler
@@ -23,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.client import Client
@@ -36,6 +40,7 @@ from orderflow.runtime.context import EVENT_ID
 from orderflow.runtime.emit import Cause, Emitter
 from orderflow.runtime.failpoints import crash_point
 from orderflow.runtime.history import MessageHistory, OrderLog
+from orderflow.runtime.intervened import Intervention, rfc3339
 from orderflow.runtime.metrics import Counters
 
 log = logging.getLogger("orderflow.runtime.requests")
@@ -63,6 +68,7 @@ class Responder:
         leader_reads: bool = False,
     ) -> None:
         self.nc = nc
+        self.js = nc.jetstream()
         self.name = function
         self.spec = topology.functions[function]
         self.handler = handler
@@ -70,6 +76,7 @@ class Responder:
         self.emitter = Emitter(nc, function, self.spec.emits)
         self.reads = frozenset(self.spec.reads)
         self.log = OrderLog(nc, topology.events_stream, leader_only=leader_reads)
+        self.records = topology.interventions
         self._decoders = {s: msgspec.json.Decoder(REQUEST_TYPES[s]) for s in self.spec.serves}
         self._in_hand: set[asyncio.Task[None]] = set()
 
@@ -126,7 +133,31 @@ class Responder:
             log.warning("%s: %s for order %s failed: %r", self.name, msg.subject,
                         request.order_id, exc)  # fmt: skip
             return Problem(f"could not answer now, ask again: {type(exc).__name__}: {exc}")
+        await self._record(request, answer)
         self.counters.processed += 1
         log.info("%s: %s for order %s: %s (%s)", self.name, msg.subject, request.order_id,
                  answer.answer, answer.rule)  # fmt: skip
         return answer
+
+    async def _record(self, request: CancelRequest, answer: CancelAnswer) -> None:
+        """The request and its answer, in the interventions stream; best effort: the
+        decision is in the order's history already, and the answer must not wait on this."""
+        if self.records is None:
+            return
+        record = Intervention(
+            "cancel", "", request.requested_by, rfc3339(datetime.now(UTC)), request.reason,
+            order_id=request.order_id, request_id=answer.request_id, answer=answer.answer,
+            rule=answer.rule,
+        )  # fmt: skip
+        subject = subjects.intervention_on_order(self.records.subject_prefix, request.order_id)
+        try:
+            # The same request asked again within the stream's duplicate window: one record.
+            await self.js.publish(
+                subject,
+                _encode(record),
+                stream=self.records.stream,
+                headers={"Nats-Msg-Id": f"{answer.request_id}:{answer.answer}"},
+            )
+        except Exception as exc:
+            log.warning("%s: could not record the answer for %s: %r", self.name,
+                        request.order_id, exc)  # fmt: skip

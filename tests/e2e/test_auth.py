@@ -26,7 +26,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from functions.events import TERMINAL_SUBJECTS
+from functions.events import TERMINAL_SUBJECTS, CancelRequest
 from orderflow import config
 from orderflow.config import MODES, ConfigError, Mode, Topology
 from orderflow.ops import auth, interventions
@@ -391,6 +391,11 @@ async def test_the_flow_completes_under_least_privilege(secure: Secure, topology
         for name in topology.functions:
             assert users[f"orderflow-{name}"] == {name}
         assert users["tests-client"] == {"client"} and users["tests-admin"] == {"admin"}
+        # The client asks for a cancellation; the cancel function answers through its own
+        # permissions (reads the history, answers on the client's inbox).
+        request = CancelRequest("sec-happy", reason="changed my mind", requested_by="client")
+        late = await interventions.cancel(client, topology, request)
+        assert (late.answer, late.rule) == ("too late", "the order is already completed")
         await flow.assert_stock_conserved()
         assert errors == []
         assert secure.violations() == []

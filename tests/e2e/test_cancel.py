@@ -16,7 +16,7 @@ import pytest
 from functions.events import CancelAnswer, CancelRequest, OrderCancelled
 from orderflow.config import Mode
 from orderflow.ops import interventions
-from orderflow.ops.interventions import Intervention
+from orderflow.runtime.intervened import Intervention
 from orderflow.tools import trace
 from orderflow.tools.streamlog import read_subject
 from tests.conftest import StartFlow
@@ -27,15 +27,11 @@ from tests.waiting import until
 MODES: list[Mode] = ["choreography", "orchestration"]
 
 
-async def ask(flow: Flow, order_id: str, **options: float) -> CancelAnswer:
+async def ask(
+    flow: Flow, order_id: str, attempts: int = interventions.CANCEL_ATTEMPTS, timeout: float = 5.0
+) -> CancelAnswer:
     request = CancelRequest(order_id, reason="changed my mind", requested_by="ann")
-    return await interventions.cancel(
-        flow.nc,
-        flow.topology,
-        request,
-        datetime.now(UTC),
-        **options,  # type: ignore[arg-type]
-    )
+    return await interventions.cancel(flow.nc, flow.topology, request, attempts, timeout)
 
 
 async def has(flow: Flow, order_id: str, *kinds: str) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import msgspec
 
-from orderflow.ops.interventions import Intervention, paused
+from orderflow.ops.interventions import paused
 from orderflow.runtime.gateway import DOWN_TOKEN, SimulatedGateway
+from orderflow.runtime.intervened import Intervention
 from orderflow.runtime.kv import KvStore
 from orderflow.tools import status, trace
 from orderflow.tools.streamlog import read_subject

@@ -208,7 +208,7 @@ def build(nc: Client, topology: Topology, read_only: bool = False) -> Starlette:
         asked = CancelRequest(order_id, reason=form.get("reason", "").strip()[:500],
                               requested_by=f"{interventions.who()} (console)"[:64])  # fmt: skip
         try:
-            answer = await interventions.cancel(console.nc, topology, asked, datetime.now(UTC))
+            answer = await interventions.cancel(console.nc, topology, asked)
             said = f"{answer.answer}: {answer.rule}"
         except interventions.NoAnswer as exc:
             said = f"no answer: {exc}"
