@@ -9,8 +9,10 @@ the data dir, else at the default URL; against that embedded server it connects 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -63,6 +65,15 @@ def nats_server(data_dir: Path, config: Path | None = None, cluster: int = 0) ->
     finally:
         url_file.unlink(missing_ok=True)
         server.stop()
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT (Ctrl-C) set: a long-running command's cue to stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 @asynccontextmanager

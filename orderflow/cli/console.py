@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from types import ModuleType
 
-from orderflow.cli.common import connected
+from orderflow.cli.common import connected, stop_on_signals
 from orderflow.config import Topology
 from orderflow.tools.console import DEFAULT_HOST, DEFAULT_PORT
 
@@ -57,10 +56,7 @@ def web_stack() -> ModuleType:
 
 async def _console(args: argparse.Namespace, topology: Topology) -> int:
     serve = web_stack()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with connected("console") as nc:
         await serve.serve(nc, topology, stop, args.host, args.port, args.read_only,
                           started=lambda url: announce(url, args.host))  # fmt: skip

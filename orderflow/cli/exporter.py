@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from types import ModuleType
 
-from orderflow.cli.common import connected
+from orderflow.cli.common import connected, stop_on_signals
 from orderflow.config import Topology
 
 #: The exporter's defaults, repeated here: orderflow.tools.exporter needs its extra.
@@ -47,10 +46,7 @@ def metrics_stack() -> ModuleType:
 
 async def _exporter(args: argparse.Namespace, topology: Topology) -> int:
     exporter = metrics_stack()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
 
     def started(url: str) -> None:
         print(f"exporter on {url} ({topology.mode})", file=sys.stderr, flush=True)

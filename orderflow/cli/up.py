@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from orderflow.cli import console
@@ -19,6 +18,7 @@ from orderflow.cli.common import (
     provision,
     replicas,
     secure,
+    stop_on_signals,
 )
 from orderflow.config import Topology
 from orderflow.ops import auth
@@ -88,10 +88,7 @@ class _Console:
 
 
 async def _until_signalled(supervisor: Supervisor, serving: _Console | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     if serving is None:
         await supervisor.watch(stop)
         return

@@ -315,22 +315,10 @@ def _requests(
         types.append(request)
         channel, reply = _channel_id(subject), f"{_channel_id(subject)}.reply"
         answers = {f"{subject}.answer": CancelAnswer, f"{subject}.problem": Problem}
-        messages[subject] = {
-            "name": subject,
-            "title": request.__name__,
-            "summary": _doc_of(request),
-            "contentType": "application/json",
-            "payload": {"$ref": f"#/components/schemas/{request.__name__}"},
-            "correlationId": {"$ref": f"#/components/correlationIds/{PARAMETER}"},
+        messages[subject] = _plain_message(subject, request) | {
+            "correlationId": {"$ref": f"#/components/correlationIds/{PARAMETER}"}
         }
-        for key, cls in answers.items():
-            messages[key] = {
-                "name": key,
-                "title": cls.__name__,
-                "summary": _doc_of(cls),
-                "contentType": "application/json",
-                "payload": {"$ref": f"#/components/schemas/{cls.__name__}"},
-            }
+        messages |= {key: _plain_message(key, cls) for key, cls in answers.items()}
         channels[channel] = {
             "address": subject,
             "description": "A NATS request (not stored): answered at once on its reply subject.",
@@ -359,6 +347,17 @@ def _requests(
                 else [],
             }
     return types, messages
+
+
+def _plain_message(name: str, cls: type) -> JSON:
+    """A message that is not an event: no headers, no version."""
+    return {
+        "name": name,
+        "title": cls.__name__,
+        "summary": _doc_of(cls),
+        "contentType": "application/json",
+        "payload": {"$ref": f"#/components/schemas/{cls.__name__}"},
+    }
 
 
 def _doc_of(cls: type) -> str:
