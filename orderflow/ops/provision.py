@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import (
@@ -282,6 +283,12 @@ async def _ensure_replicated(
         try:
             await ensure_stream(js, config, report, keep_replicas=spec.replicas is None)
             return
+        except (TimeoutError, nats.errors.TimeoutError):
+            # A forming (or busy) cluster may let a create go unanswered; asked again, an
+            # identical create that did happen is answered as done.
+            if time.monotonic() >= deadline:
+                raise
+            continue
         except nats.js.errors.APIError as exc:
             if exc.err_code not in _CANNOT_PLACE or (config.num_replicas or 1) < 2:
                 raise
