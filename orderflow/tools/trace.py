@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 import msgspec
 from nats.aio.client import Client
 
-from functions.events import TERMINAL_SUBJECTS
+from functions.events import REQUEST_TYPES, TERMINAL_SUBJECTS
 from orderflow import subjects
 from orderflow.config import FunctionSpec, Topology
 from orderflow.ops import interventions
@@ -165,7 +165,11 @@ def steps_of(events: list[Stored], stream: str) -> list[Step]:
     for e in events:
         event_id = ctx.input_event_id(e.headers, stream, e.sequence)
         by_id[event_id] = e
-        cause = by_id.get(e.headers.get(ctx.CAUSATION_ID, ""))
+        cause_id = e.headers.get(ctx.CAUSATION_ID, "")
+        cause = by_id.get(cause_id)
+        # A request is no event of the log: named by its subject (orders.cancel:<request>).
+        head = cause_id.partition(":")[0]
+        asked = head if cause is None and head in REQUEST_TYPES else None
         steps.append(
             Step(
                 sequence=e.sequence,
@@ -174,7 +178,7 @@ def steps_of(events: list[Stored], stream: str) -> list[Step]:
                 kind=e.kind,
                 by=e.headers.get(ctx.FUNCTION, "client"),
                 event_id=event_id,
-                caused_by=cause.kind if cause else None,
+                caused_by=cause.kind if cause else asked,
                 hop_ms=(e.time - cause.time).total_seconds() * 1000 if cause else None,
                 payload=_payload(e.data),
             )

@@ -138,6 +138,8 @@ async def test_cancel_at_each_point_of_the_flow(start_flow: StartFlow, mode: Mod
     [found] = (await trace.load(flow.nc, flow.topology, ["cx-reserved"])).values()
     shown = trace.render(found, datetime.now(UTC))
     assert "INTERVENTION: cancel requested by ann (changed my mind): accepted" in shown, shown
+    [closed] = [s for s in found.steps if s.kind == "delivery.cancelled"]
+    assert (closed.by, closed.caused_by) == ("cancel", "orders.cancel")
     records = await read_subject(flow.nc, "INTERVENTIONS", "interventions.order.>")
     answers = {
         (r.order_id, r.answer)
