@@ -208,6 +208,8 @@ def operator_permissions(topology: Topology) -> Permissions:
             f"$JS.API.STREAM.INFO.{stream.name}",
             subjects.leader_get(stream.name),
         ]
+    # status and the exporter read the buckets' streams too (their size, their replicas).
+    publish += [f"$JS.API.STREAM.INFO.{subjects.kv_stream(b.name)}" for b in topology.buckets]
     if topology.interventions is not None:
         publish.append(f"{topology.interventions.subject_prefix}.>")
     # A redrive: the dead letter's original bytes back to the original subject

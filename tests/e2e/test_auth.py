@@ -235,6 +235,7 @@ def test_only_the_operator_may_intervene(topology: Topology) -> None:
             assert f"$JS.API.CONSUMER.PAUSE.{c.stream}.{c.durable}" in operator
     assert "$JS.API.STREAM.MSG.DELETE.DEAD_LETTERS" in operator  # a redrive's last step
     assert "interventions.>" in operator
+    assert "$JS.API.STREAM.INFO.KV_stock" in operator  # what status reads of the buckets
     # It reads, and republishes what a function consumes (a redrive), but no order's end,
     # and it changes no consumer.
     assert not any(p.startswith("$JS.API.CONSUMER.CREATE") for p in operator)
@@ -256,6 +257,9 @@ async def test_the_operator_pauses_and_resumes_a_function_and_a_function_cannot(
     assert (await interventions.paused(operator, topology, "delivery")) is not None
     await interventions.resume(operator, topology, "delivery", "done", now, "operator")
     assert (await interventions.paused(operator, topology, "delivery")) is None
+    # What status reads, the operator may read: every stream and bucket answers.
+    figures = await status.collect(operator, topology)
+    assert all(row["messages"] is not None for row in figures["streams"].values()), figures
 
     payment, errors = await secure.connect_as("payment")
     await payment.publish("$JS.API.CONSUMER.PAUSE.ORDERS.delivery", b"{}")
