@@ -104,12 +104,12 @@ class Responder:
         reply: msgspec.Struct
         try:
             request = self._decoders[msg.subject].decode(msg.data)
-        except msgspec.ValidationError as exc:
-            reply = Problem(f"invalid request: {exc}")
-            self.counters.dead_lettered += 1  # not kept: answered, nothing to redrive
         except msgspec.DecodeError as exc:
-            reply = Problem(f"invalid request: not JSON ({exc})")
-            self.counters.dead_lettered += 1
+            # Answered with the reason, so nothing is lost and nothing is kept: the
+            # requester has it at once (no dead letter to redrive).
+            what = "" if isinstance(exc, msgspec.ValidationError) else "not JSON: "
+            reply = Problem(f"invalid request: {what}{exc}")
+            self._failed(reply.error)
         else:
             reply = await self._handle(msg, request)
         if msg.reply:
@@ -128,8 +128,7 @@ class Responder:
             answer = await self.handler(request, history)
             crash_point("after-decide", self.name, request.order_id, msg.subject)
         except Exception as exc:
-            self.counters.failed += 1
-            self.counters.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self._failed(f"{type(exc).__name__}: {exc}")
             log.warning("%s: %s for order %s failed: %r", self.name, msg.subject,
                         request.order_id, exc)  # fmt: skip
             return Problem(f"could not answer now, ask again: {type(exc).__name__}: {exc}")
@@ -138,6 +137,10 @@ class Responder:
         log.info("%s: %s for order %s: %s (%s)", self.name, msg.subject, request.order_id,
                  answer.answer, answer.rule)  # fmt: skip
         return answer
+
+    def _failed(self, error: str) -> None:
+        self.counters.failed += 1
+        self.counters.last_error = error[:500]
 
     async def _record(self, request: CancelRequest, answer: CancelAnswer) -> None:
         """The request and its answer, in the interventions stream; best effort: the
