@@ -42,6 +42,7 @@ from orderflow.runtime.failpoints import crash_point
 from orderflow.runtime.history import MessageHistory, OrderLog
 from orderflow.runtime.intervened import Intervention, rfc3339
 from orderflow.runtime.metrics import Counters
+from orderflow.runtime.tracing import OFF, Tracer
 
 log = logging.getLogger("orderflow.runtime.requests")
 
@@ -66,6 +67,7 @@ class Responder:
         handler: RequestHandler,
         counters: Counters,
         leader_reads: bool = False,
+        tracer: Tracer = OFF,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -73,7 +75,8 @@ class Responder:
         self.spec = topology.functions[function]
         self.handler = handler
         self.counters = counters
-        self.emitter = Emitter(nc, function, self.spec.emits)
+        self.tracer = tracer
+        self.emitter = Emitter(nc, function, self.spec.emits, tracer)
         self.reads = frozenset(self.spec.reads)
         self.log = OrderLog(nc, topology.events_stream, leader_only=leader_reads)
         self.records = topology.interventions
@@ -125,7 +128,8 @@ class Responder:
         )
         history = MessageHistory(self.log, self.emitter, cause, self.reads)
         try:
-            answer = await self.handler(request, history)
+            with self.tracer.answering(msg.subject, request.order_id, cause.id):
+                answer = await self.handler(request, history)
             crash_point("after-decide", self.name, request.order_id, msg.subject)
         except Exception as exc:
             self._failed(f"{type(exc).__name__}: {exc}")

@@ -64,7 +64,9 @@ async def serve(
         if spec.serves:
             responder = build_responder(topology, function)
             loops.append(
-                Responder(nc, topology, function, responder, counters, leader_reads).run(stop)
+                Responder(nc, topology, function, responder, counters, leader_reads, tracer).run(
+                    stop
+                )
             )
         service = await register(nc, function, counters)
         log.info("%s: consuming (pid %d, service %s)", function, os.getpid(), service.id)

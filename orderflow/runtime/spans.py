@@ -246,6 +246,44 @@ class Spans(Tracer):
         self.ids.clear()
         root.end(end_time=stored)
 
+    # --- request spans ----------------------------------------------------------
+
+    def answering(self, subject: str, order_id: str, cause_id: str) -> AbstractContextManager[None]:
+        return self._answering(subject, order_id, cause_id)
+
+    @contextmanager
+    def _answering(self, subject: str, order_id: str, cause_id: str) -> Iterator[None]:
+        # A request carries no trace: it is a root of its own in the order's trace, at the
+        # id its events name as their cause's, so what it stores hangs under it.
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": subject,
+            "messaging.destination.template": subject,
+            "messaging.message.id": cause_id,
+            "messaging.message.conversation_id": order_id,
+            "orderflow.function": self.function,
+        }
+        self.ids.trace = int(context.trace_id({}, order_id), 16)
+        self.ids.span = int(context.span_id(cause_id), 16)
+        span = self.tracer.start_span(
+            f"process {subject}",
+            context=otel_context.Context(),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+        self.ids.clear()
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            yield
+        except Exception as exc:
+            _failed(span, type(exc).__qualname__, str(exc))
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+
     def retrying(self, attempt: int, delay: float, error: Exception) -> None:
         span = trace.get_current_span()
         span.add_event("retry", {

@@ -61,6 +61,11 @@ class Tracer:
         """Around everything done with one consumed message (its process span)."""
         return _NOTHING
 
+    def answering(self, subject: str, order_id: str, cause_id: str) -> AbstractContextManager[None]:
+        """Around the answer to one request (``orders.cancel``) about ``order_id``, whose
+        events name ``cause_id`` as their cause."""
+        return _NOTHING
+
     def retrying(self, attempt: int, delay: float, error: Exception) -> None:
         """The message in hand failed this attempt and is handed back for ``delay`` seconds."""
 

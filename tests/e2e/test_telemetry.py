@@ -16,9 +16,10 @@ import msgspec
 import pytest
 
 from bench.otlp import OtlpReceiver, ReceivedSpan
-from functions.events import AnyOrderId
+from functions.events import AnyOrderId, CancelRequest
 from orderflow import subjects
 from orderflow.config import Topology
+from orderflow.ops import interventions
 from orderflow.runtime import context as ctx
 from orderflow.tools.streamlog import Stored
 from tests.conftest import StartFlow
@@ -217,3 +218,48 @@ async def test_orchestrated_order_is_one_trace_sent_when_its_processes_stop(
     }  # fmt: skip
     assert compensations == {("orchestrator", "saga.payment.refund"),
                              ("payment", "payments.refunded")}  # fmt: skip
+
+
+async def test_a_cancellation_is_a_root_of_its_own_in_the_orders_trace(
+    start_flow: StartFlow, receiver: OtlpReceiver
+) -> None:
+    # Delivery held: paid and reserved, the order waits for a cancellation.
+    env = {**OTEL_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    flow = await start_flow({"delivery": 0}, env=env)
+    await flow.publish(order("tel-cancel"))
+
+    async def held() -> bool:
+        seen = set((await flow.by_order()).get("tel-cancel", []))
+        return {"payments.succeeded", "stock.reserved"} <= seen
+
+    await until(held, 20, "paid and reserved")
+    request = CancelRequest("tel-cancel", reason="changed my mind", requested_by="ann")
+    answer = await interventions.cancel(flow.nc, flow.topology, request, attempts=20, timeout=2.0)
+    assert answer.answer == "accepted"
+    await flow.wait_finished(["tel-cancel"], timeout=30)
+    events = await _events_by_order(flow, ["tel-cancel"])
+
+    def mine() -> list[ReceivedSpan]:
+        conversation = "messaging.message.conversation_id"
+        return [s for s in receiver.snapshot() if s.attributes.get(conversation) == "tel-cancel"]
+
+    def complete() -> bool:
+        ids = {s.span_id for s in mine()}
+        return all(_span_hex(e) in ids for e in events["tel-cancel"][1:]) and all(
+            s.parent_id in ids for s in mine() if s.parent_id
+        )
+
+    await until(complete, 30, "the order's spans")
+    spans = mine()
+    assert {s.trace_id for s in spans} == {ctx.trace_id({}, "tel-cancel")}, "one trace"
+    by_id = {s.span_id: s for s in spans}
+    roots = sorted(s.name for s in spans if not s.parent_id)
+    assert roots == ["process orders.cancel", "send orders.created"]
+    [asked] = [s for s in spans if s.name == "process orders.cancel"]
+    assert asked.service == subjects.service("cancel")
+    # What the request stored hangs under it; what that caused, under that.
+    [closed] = [e for e in events["tel-cancel"] if e.kind == "delivery.cancelled"]
+    send = by_id[_span_hex(closed)]
+    assert (send.kind, send.parent_id) == ("PRODUCER", asked.span_id)
+    refund = [s for s in spans if s.kind == "CONSUMER" and s.parent_id == send.span_id]
+    assert [s.attributes["orderflow.function"] for s in refund] == ["payment"]
