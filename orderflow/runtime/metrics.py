@@ -56,6 +56,11 @@ class Counters:
         # A value equal to a bound belongs to its bucket (Prometheus's `le`).
         self.durations[bisect.bisect_left(_BOUNDS_NS, took_ns)] += 1
 
+    def failure(self, error: str) -> None:
+        """One failed attempt, ``error`` saying what it was."""
+        self.failed += 1
+        self.last_error = error[:500]
+
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "duration_bounds_s": list(DURATION_BOUNDS_S)}
 

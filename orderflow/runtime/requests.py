@@ -112,13 +112,15 @@ class Responder:
             # requester has it at once (no dead letter to redrive).
             what = "" if isinstance(exc, msgspec.ValidationError) else "not JSON: "
             reply = Problem(f"invalid request: {what}{exc}")
-            self._failed(reply.error)
+            self.counters.failure(reply.error)
         else:
             reply = await self._handle(msg, request)
         if msg.reply:
             with contextlib.suppress(Exception):  # the requester left: it asks again
                 await msg.respond(_encode(reply))
-        self.counters.processing_ns += time.perf_counter_ns() - started
+        if isinstance(reply, CancelAnswer):
+            # As the worker counts a message: processed, its time and its histogram.
+            self.counters.handled(time.perf_counter_ns() - started)
 
     async def _handle(self, msg: Msg, request: CancelRequest) -> msgspec.Struct:
         headers = msg.headers or {}
@@ -132,23 +134,19 @@ class Responder:
                 answer = await self.handler(request, history)
             crash_point("after-decide", self.name, request.order_id, msg.subject)
         except Exception as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
+            self.counters.failure(f"{type(exc).__name__}: {exc}")
             log.warning("%s: %s for order %s failed: %r", self.name, msg.subject,
                         request.order_id, exc)  # fmt: skip
             return Problem(f"could not answer now, ask again: {type(exc).__name__}: {exc}")
         await self._record(request, answer)
-        self.counters.processed += 1
         log.info("%s: %s for order %s: %s (%s)", self.name, msg.subject, request.order_id,
                  answer.answer, answer.rule)  # fmt: skip
         return answer
 
-    def _failed(self, error: str) -> None:
-        self.counters.failed += 1
-        self.counters.last_error = error[:500]
-
     async def _record(self, request: CancelRequest, answer: CancelAnswer) -> None:
-        """The request and its answer, in the interventions stream; best effort: the
-        decision is in the order's history already, and the answer must not wait on this."""
+        """The request and its answer, in the interventions stream, before the answer goes
+        out; best effort: the decision is in the order's history already, so a record that
+        cannot be written is logged and the answer still sent."""
         if self.records is None:
             return
         record = Intervention(

@@ -206,8 +206,7 @@ class Worker:
         self.tracer.dead_lettered(letter.reason, letter.error)
 
     def _failed(self, exc: Exception) -> None:
-        self.counters.failed += 1
-        self.counters.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        self.counters.failure(f"{type(exc).__name__}: {exc}")
 
     async def _publish(self, events: Sequence[Event], history: MessageHistory) -> None:
         # Concurrently: the input is acked only once every ack is in.
