@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 from nats.aio.client import Client
@@ -65,6 +68,28 @@ def nats_server(data_dir: Path, config: Path | None = None, cluster: int = 0) ->
     finally:
         url_file.unlink(missing_ok=True)
         server.stop()
+
+
+#: Hosts that keep a listening command on this machine.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def with_extra(module: str, extra: str, what: str) -> ModuleType:
+    """``module``, imported only by the command that needs it, which needs the optional
+    extra ``extra``: without it, a clear exit saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(
+            f"the {what} needs its extra: pip install -e '.[{extra}]' ({exc})"
+        ) from None
+
+
+def announce(line: str, host: str) -> None:
+    """Say where a listening command serves, and warn when it is beyond loopback."""
+    print(line, file=sys.stderr, flush=True)
+    if host not in LOOPBACK:
+        print(f"warning: listening on {host}, reachable beyond this machine", file=sys.stderr)
 
 
 def stop_on_signals() -> asyncio.Event:

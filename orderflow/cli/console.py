@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from types import ModuleType
 
+from orderflow.cli import common
 from orderflow.cli.common import connected, stop_on_signals
 from orderflow.config import Topology
 from orderflow.tools.console import DEFAULT_HOST, DEFAULT_PORT
@@ -38,20 +38,13 @@ def run(args: argparse.Namespace, topology: Topology) -> int:
 
 
 def announce(url: str, host: str) -> None:
-    print(f"console on {url}", file=sys.stderr, flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}, reachable beyond this machine", file=sys.stderr)
+    common.announce(f"console on {url}", host)
 
 
 def web_stack() -> ModuleType:
-    """orderflow.tools.console.serve, which needs the extra ``console`` (starlette, uvicorn)."""
-    try:
-        from orderflow.tools.console import serve  # the web stack only where a console runs
-    except ImportError as exc:
-        raise SystemExit(
-            f"the console needs its extra: pip install -e '.[console]' ({exc})"
-        ) from None
-    return serve
+    """orderflow.tools.console.serve, which needs the extra ``console`` (starlette, uvicorn):
+    the web stack only where a console runs."""
+    return common.with_extra("orderflow.tools.console.serve", "console", "console")
 
 
 async def _console(args: argparse.Namespace, topology: Topology) -> int:

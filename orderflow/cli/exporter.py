@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from types import ModuleType
 
+from orderflow.cli import common
 from orderflow.cli.common import connected, stop_on_signals
 from orderflow.config import Topology
 
@@ -34,14 +34,9 @@ def run(args: argparse.Namespace, topology: Topology) -> int:
 
 
 def metrics_stack() -> ModuleType:
-    """orderflow.tools.exporter, which needs the extra ``exporter`` (prometheus_client)."""
-    try:
-        from orderflow.tools import exporter  # prometheus_client only where an exporter runs
-    except ImportError as exc:
-        raise SystemExit(
-            f"the exporter needs its extra: pip install -e '.[exporter]' ({exc})"
-        ) from None
-    return exporter
+    """orderflow.tools.exporter, which needs the extra ``exporter`` (prometheus_client):
+    prometheus_client only where an exporter runs."""
+    return common.with_extra("orderflow.tools.exporter", "exporter", "exporter")
 
 
 async def _exporter(args: argparse.Namespace, topology: Topology) -> int:
@@ -49,10 +44,7 @@ async def _exporter(args: argparse.Namespace, topology: Topology) -> int:
     stop = stop_on_signals()
 
     def started(url: str) -> None:
-        print(f"exporter on {url} ({topology.mode})", file=sys.stderr, flush=True)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: listening on {args.host}, reachable beyond this machine",
-                  file=sys.stderr)  # fmt: skip
+        common.announce(f"exporter on {url} ({topology.mode})", args.host)
 
     async with connected("exporter") as nc:
         await exporter.serve(nc, topology, stop, args.host, args.port, started)
