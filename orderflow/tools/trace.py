@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import msgspec
 from nats.aio.client import Client
@@ -283,27 +284,21 @@ async def _asides(nc: Client, topology: Topology, order_id: str) -> tuple[list[A
     return retries, dead
 
 
-async def _interventions(nc: Client, topology: Topology, order_id: str) -> list[Aside]:
-    """What was asked of the order, and every pause and resume of a function (a short
-    list: operators' doings); the caller keeps those in the order's time."""
+async def _interventions(nc: Client, topology: Topology, on: Callable[[str], str]) -> list[Aside]:
+    """The intervention records on the subjects ``on`` names under the stream's prefix."""
     log = topology.interventions
     if log is None:
         return []
+    pattern = on(log.subject_prefix)
     found = []
-    for pattern in (
-        subjects.intervention_on_order(log.subject_prefix, order_id),
-        subjects.intervention_on_function(log.subject_prefix, "*"),
-    ):
-        for stored in await read_subject(nc, log.stream, pattern):
-            try:
-                record = msgspec.json.decode(stored.data, type=interventions.Intervention)
-            except msgspec.DecodeError:
-                continue
-            detail = _intervention_detail(record)
-            fields = msgspec.to_builtins(record)
-            found.append(
-                Aside(stored.time, "intervention", record.function, pattern, detail, fields)
-            )
+    for stored in await read_subject(nc, log.stream, pattern):
+        try:
+            record = msgspec.json.decode(stored.data, type=interventions.Intervention)
+        except msgspec.DecodeError:
+            continue
+        detail = _intervention_detail(record)
+        fields = msgspec.to_builtins(record)
+        found.append(Aside(stored.time, "intervention", record.function, pattern, detail, fields))
     return found
 
 
@@ -315,9 +310,9 @@ def _intervention_detail(record: interventions.Intervention) -> str:
 
 
 def _during(asides: list[Aside], steps: list[Step], open_until: datetime | None) -> list[Aside]:
-    """The order's own interventions, and the functions' ones while it was open."""
+    """The functions' interventions while the order was open."""
     start, end = steps[0].time, open_until or steps[-1].time
-    return [a for a in asides if not a.function or start <= a.time <= end]
+    return [a for a in asides if start <= a.time <= end]
 
 
 async def load(
@@ -362,6 +357,9 @@ async def load(
     paused = {
         n: interventions.describe(p) for n, p in zip(owing_functions, pauses, strict=True) if p
     }
+    # Pauses and resumes: read once for every order here, kept where each was open.
+    every_function = partial(subjects.intervention_on_function, function="*")
+    to_functions = await _interventions(nc, topology, every_function) if found else []
     traces = {}
     for order_id, (steps, retries, dead, asked) in found.items():
         owed = []
@@ -371,7 +369,8 @@ async def load(
             owed.append(Owed(function, what, since, consumers.get(function, {}), held,
                              paused.get(function, "")))  # fmt: skip
         trace = Trace(order_id, steps, retries, dead, owed)
-        trace.interventions = _during(asked, steps, None if trace.outcome else datetime.now(UTC))
+        open_until = None if trace.outcome else datetime.now(UTC)
+        trace.interventions = asked + _during(to_functions, steps, open_until)
         traces[order_id] = trace
     return traces
 
@@ -383,7 +382,8 @@ async def _read_order(
     if not messages:
         return None
     (retries, dead), asked = await asyncio.gather(
-        _asides(nc, topology, order_id), _interventions(nc, topology, order_id)
+        _asides(nc, topology, order_id),
+        _interventions(nc, topology, lambda p: subjects.intervention_on_order(p, order_id)),
     )
     return steps_of(messages, topology.events_stream), retries, dead, asked
 

@@ -85,6 +85,11 @@ async def test_a_paused_function_holds_its_backlog_and_resume_drains_it(
         ("resume", "delivery", "carrier back"),
     ]
     assert all(r.by and r.at.endswith("Z") for r in records)
+    # The resume came while the order was open (the pause before it started): on its
+    # timeline, the resume only.
+    [found] = (await trace.load(flow.nc, flow.topology, ["pz-0"])).values()
+    assert [a.detail.split(" by ")[0] for a in found.interventions] == ["delivery resumed"]
+    assert "INTERVENTION: delivery resumed by" in trace.render(found, datetime.now(UTC))
 
 
 async def test_a_pause_until_a_time_ends_by_itself(start_flow: StartFlow) -> None:
