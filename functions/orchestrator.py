@@ -134,6 +134,8 @@ def commands(saga: Saga, policy: Policy) -> list[Event]:
             elif saga.cancel is not None:
                 end = cancelled(saga.cancel)
             else:
+                # Ended before sagas closed their delivery decision (an older version's
+                # saga, its last input redelivered): the end it announced then.
                 end = OrderCancelled(order_id, reason=saga.problem)
             return [end, AlarmCleared(order_id)]
         case "closing":
